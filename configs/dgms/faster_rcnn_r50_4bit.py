@@ -1,0 +1,33 @@
+# Faster R-CNN R50-FPN fine-tuned with DGMS at 4 bits per weight on COCO.
+#
+# Every conv of the ResNet-50 backbone and the FPN except the stem conv is
+# quantized; the RPN and RoI heads stay in full precision.
+#
+# load_from is the full-precision model-zoo checkpoint that DGMS starts
+# from. Download it from the MMDetection model zoo (Faster R-CNN R-50-FPN 1x,
+# "faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth") into checkpoints/, or
+# pass another path with --cfg-options load_from=PATH.
+_base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py']
+
+custom_imports = dict(imports=['mmdgms'], allow_failed_imports=False)
+
+load_from = 'checkpoints/faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth'
+bits = 4
+
+# See retinanet_r50_4bit.py for why layer1 is unfrozen.
+model = dict(backbone=dict(frozen_stages=0, init_cfg=None))
+
+custom_hooks = [dict(type='DGMSHook', bits=bits)]
+
+max_epochs = 6
+train_cfg = dict(max_epochs=max_epochs, val_interval=1)
+optim_wrapper = dict(
+    optimizer=dict(type='SGD', lr=0.002, momentum=0.9, weight_decay=0.0001),
+    paramwise_cfg=dict(
+        custom_keys={'.mixture.': dict(lr_mult=10.0, decay_mult=0.0)}))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+         end=500),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs,
+         T_max=max_epochs, eta_min=1e-5)
+]

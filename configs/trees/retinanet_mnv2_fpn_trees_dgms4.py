@@ -1,0 +1,32 @@
+# DGMS 4-bit fine-tuning of the full-precision tree detector: every conv of
+# the MobileNetV2 backbone and the FPN except the stem is quantized; the
+# RetinaNet head stays in full precision.
+_base_ = ['./retinanet_mnv2_fpn_trees_fp.py']
+
+# The full-precision checkpoint to fine-tune (written by the demo's first
+# stage); override with --cfg-options load_from=PATH.
+load_from = 'work_dirs/trees_fp/epoch_24.pth'
+bits = 4
+model = dict(backbone=dict(init_cfg=None))
+
+custom_hooks = [dict(type='DGMSHook', bits=bits)]
+
+max_epochs = 8
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+# Fine-tuning: a 10x smaller learning rate than full-precision training,
+# no weight decay on the mixture parameters (they are logarithms, logits and
+# means, where decay towards 0 has no meaning) and a higher rate for them so
+# the codebook moves within a short schedule.
+optim_wrapper = dict(
+    optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4),
+    paramwise_cfg=dict(
+        custom_keys={'.mixture.': dict(lr_mult=10.0, decay_mult=0.0)}))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+         end=20),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs,
+         T_max=max_epochs, eta_min=1e-6)
+]
+default_hooks = dict(
+    checkpoint=dict(type='CheckpointHook', interval=max_epochs,
+                    max_keep_ckpts=1))

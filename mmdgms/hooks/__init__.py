@@ -1,0 +1,3 @@
+from .dgms_hook import DGMSHook
+
+__all__ = ['DGMSHook']

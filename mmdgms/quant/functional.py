@@ -1,0 +1,151 @@
+"""Gaussian-mixture soft and hard weights, computed in bounded memory.
+
+Notation (per quantized layer, K components, component 0 is the pruning
+component with mean 0):
+
+    l_k(w) = log pi_k - log sigma_k - (w - mu_k)^2 / (2 sigma_k^2)
+    g_k(w) = softmax_k(l_k(w))            mixture responsibility
+    r_k(w) = softmax_k(g_k(w) / tau)      differentiable indicator
+    w_soft = sum_k r_k(w) mu_k
+    w_hard = mu_{argmax_k l_k(w)}
+
+The constant -log(2 pi) / 2 of the Gaussian log-density cancels in the
+softmax and is left out. ``g`` is the normalised responsibility of the
+published method, so ``r = softmax(g / tau)`` is the published indicator.
+Computing ``g`` from log-densities with a max-shifted softmax, instead of
+dividing densities ``pi_k N(w | mu_k, sigma_k)``, gives the same values
+wherever the density form is finite and stays finite where densities
+underflow to 0 (a weight far from every component) or overflow (a collapsed
+standard deviation).
+
+A plain autograd implementation keeps several K x N intermediates per layer
+for the backward pass. :class:`SoftWeight` instead walks the weights in
+chunks, keeps no K x N tensor between forward and backward, and recomputes
+each chunk's responsibilities in the backward pass, where the gradients have
+closed forms (derived in :meth:`SoftWeight.backward`).
+"""
+import torch
+from torch import Tensor
+
+# Soft weights of weights deep inside the zero component come out as
+# sum_k r_k mu_k with r_k ~ exp(-1/tau): subnormal floats, which slow x86
+# convolution kernels down several times. Values below the smallest normal
+# float32 are set to exactly 0, a change of less than 1.2e-38 per weight.
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+# Elements (weights x components) processed per chunk: about 4 MiB of float32
+# per K x chunk temporary, small enough to stay in a CPU's cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunk_length(num_components: int) -> int:
+    return max(1, CHUNK_ELEMENTS // num_components)
+
+
+def component_logits(w: Tensor, means: Tensor, log_coef: Tensor,
+                     inv_two_var: Tensor) -> Tensor:
+    """Return l_k(w) for a 1-D chunk ``w``: shape (len(w), K).
+
+    Args:
+        w (Tensor): weights, shape (C,).
+        means (Tensor): component means mu_k, shape (K,).
+        log_coef (Tensor): log pi_k - log sigma_k, shape (K,).
+        inv_two_var (Tensor): 1 / (2 sigma_k^2), shape (K,).
+    """
+    diff = w[:, None] - means[None, :]
+    return log_coef[None, :] - inv_two_var[None, :] * diff * diff
+
+
+class SoftWeight(torch.autograd.Function):
+    """w_soft = sum_k softmax_k(g_k(w) / tau) mu_k with chunked recompute.
+
+    Inputs are the flattened latent weights and the per-component tensors
+    that :func:`mixture_terms` derives from the mixture parameters, so
+    autograd chains the gradients on to the parameters themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, means: Tensor, log_coef: Tensor,
+                inv_two_var: Tensor, temperature: Tensor) -> Tensor:
+        out = torch.empty_like(w)
+        step = _chunk_length(means.numel())
+        inv_tau = 1.0 / temperature
+
+        for start in range(0, w.numel(), step):
+            chunk = w[start:start + step]
+            resp = torch.softmax(
+                component_logits(chunk, means, log_coef, inv_two_var), dim=1)
+            indicator = torch.softmax(resp * inv_tau, dim=1)
+            out[start:start + step] = indicator @ means
+
+        out.masked_fill_(out.abs() < SMALLEST_NORMAL, 0.0)
+        ctx.save_for_backward(w, means, log_coef, inv_two_var, temperature)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        # With y = sum_k r_k mu_k, z = g / tau, r = softmax(z), g = softmax(l):
+        #   dL/dz_k  = dy r_k (mu_k - y)
+        #   dL/dg_k  = dL/dz_k / tau,       dL/dtau = -sum_k dL/dz_k g_k / tau^2
+        #   dL/dl_k  = g_k (dL/dg_k - sum_j g_j dL/dg_j)
+        #   l_k = c_k - a_k (w - mu_k)^2 with c = log pi - log sigma and
+        #   a = 1 / (2 sigma^2), so
+        #   dL/dc_k  = dL/dl_k
+        #   dL/da_k  = -dL/dl_k (w - mu_k)^2
+        #   dL/dmu_k = dL/dl_k 2 a_k (w - mu_k) + dy r_k
+        #   dL/dw    = -sum_k dL/dl_k 2 a_k (w - mu_k)
+        w, means, log_coef, inv_two_var, temperature = ctx.saved_tensors
+        step = _chunk_length(means.numel())
+        inv_tau = 1.0 / temperature
+        need_w = ctx.needs_input_grad[0]
+
+        grad_w = torch.empty_like(w) if need_w else None
+        grad_means = torch.zeros_like(means)
+        grad_log_coef = torch.zeros_like(log_coef)
+        grad_inv_two_var = torch.zeros_like(inv_two_var)
+        grad_inv_tau = torch.zeros_like(temperature)
+
+        for start in range(0, w.numel(), step):
+            chunk = w[start:start + step]
+            dy = grad_out[start:start + step, None]
+            diff = chunk[:, None] - means[None, :]
+            logits = log_coef[None, :] - inv_two_var[None, :] * diff * diff
+            resp = torch.softmax(logits, dim=1)
+            indicator = torch.softmax(resp * inv_tau, dim=1)
+            soft = indicator @ means
+
+            dy_r = dy * indicator
+            grad_z = dy_r * (means[None, :] - soft[:, None])
+            grad_inv_tau += (grad_z * resp).sum()
+            grad_resp = grad_z * inv_tau
+            grad_logits = resp * (
+                grad_resp - (resp * grad_resp).sum(dim=1, keepdim=True))
+
+            grad_log_coef += grad_logits.sum(dim=0)
+            grad_inv_two_var -= (grad_logits * diff * diff).sum(dim=0)
+            pull = grad_logits * (2.0 * inv_two_var[None, :]) * diff
+            grad_means += pull.sum(dim=0) + dy_r.sum(dim=0)
+            if need_w:
+                grad_w[start:start + step] = -pull.sum(dim=1)
+
+        # tau enters only through 1 / tau: dL/dtau = -dL/d(1/tau) / tau^2.
+        grad_temperature = -grad_inv_tau * inv_tau * inv_tau
+        return (grad_w, grad_means, grad_log_coef, grad_inv_two_var,
+                grad_temperature)
+
+
+@torch.no_grad()
+def hard_indices(w: Tensor, means: Tensor, log_coef: Tensor,
+                 inv_two_var: Tensor) -> Tensor:
+    """Return argmax_k l_k(w) for flattened weights, as int64 of shape (N,).
+
+    The argmax of l equals the argmax of g and of r for any temperature, so
+    the hard assignment does not depend on tau.
+    """
+    out = torch.empty(w.numel(), dtype=torch.long, device=w.device)
+    step = _chunk_length(means.numel())
+    for start in range(0, w.numel(), step):
+        logits = component_logits(w[start:start + step], means, log_coef,
+                                  inv_two_var)
+        out[start:start + step] = logits.argmax(dim=1)
+    return out

@@ -1,0 +1,291 @@
+"""DGMS through MMEngine's real Runner: train, checkpoint, resume, test.
+
+A tiny RetinaNet (tests/configs) is trained in full precision for one epoch
+on 8 tree tiles; that checkpoint is the load_from of a 2-epoch DGMS run.
+"""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+import mmdgms
+from mmdgms.convert import dgms_layers
+
+from conftest import REPO_ROOT, TEST_CONFIGS, write_config
+
+PYTHON = sys.executable
+
+
+def build_runner(config: Path, work_dir: Path, **options) -> Runner:
+    cfg = Config.fromfile(str(config))
+    cfg.work_dir = str(work_dir)
+    cfg.merge_from_dict(options)
+    return Runner.from_cfg(cfg)
+
+
+def mixture_state(model) -> dict:
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items() if '.mixture.' in k
+    }
+
+
+def run_tool(args, cwd=REPO_ROOT) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([PYTHON, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def parse_map(log: str) -> list:
+    """Return the last 'bbox_mAP_copypaste' line of a log as six floats."""
+    lines = re.findall(r'bbox_mAP_copypaste: ([-\d. ]+)', log)
+    assert lines, log[-3000:]
+    return [float(x) for x in lines[-1].split()]
+
+
+@pytest.fixture(scope='module')
+def configs(tree_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('configs')
+    fp = write_config(folder / 'fp.py', TEST_CONFIGS / 'tiny_retinanet_fp.py',
+                      tree_data)
+    dgms = write_config(folder / 'dgms.py',
+                        TEST_CONFIGS / 'tiny_retinanet_dgms.py', tree_data)
+    return fp, dgms
+
+
+@pytest.fixture(scope='module')
+def fp_checkpoint(configs, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('fp')
+    build_runner(configs[0], work_dir).train()
+    checkpoint = work_dir / 'epoch_1.pth'
+    assert checkpoint.is_file()
+    return checkpoint
+
+
+class GradientRecorder(Hook):
+    """Record the largest absolute gradient of every mixture parameter."""
+
+    priority = 'LOW'  # after DGMSHook has built and initialised the mixtures
+
+    def __init__(self):
+        self.max_grad = {}
+
+    def before_train(self, runner):
+        for name, param in runner.model.named_parameters():
+            if '.mixture.' in name:
+                self.max_grad[name] = 0.0
+                param.register_hook(self._recorder(name))
+
+    def _recorder(self, name):
+        def record(grad):
+            value = float(grad.abs().max())
+            if not math.isfinite(value):
+                value = math.inf
+            self.max_grad[name] = max(self.max_grad[name], value)
+        return record
+
+
+@pytest.fixture(scope='module')
+def dgms_run(configs, fp_checkpoint, tmp_path_factory):
+    """A finished 2-epoch DGMS run: (runner, work_dir, val metrics)."""
+    work_dir = tmp_path_factory.mktemp('dgms')
+    runner = build_runner(configs[1], work_dir,
+                          load_from=str(fp_checkpoint))
+    recorder = GradientRecorder()
+    runner.register_hook(recorder)
+    runner.train()
+    runner.gradient_recorder = recorder
+    hub = runner.message_hub
+    val_map = [
+        hub.get_scalar(f'val/coco/{key}').current()
+        for key in ('bbox_mAP', 'bbox_mAP_50')
+    ]
+    return runner, work_dir, val_map
+
+
+def test_hook_converts_backbone_and_neck(dgms_run):
+    runner, _, _ = dgms_run
+    names = list(dgms_layers(runner.model))
+    assert names
+    assert all(n.startswith(('backbone.', 'neck.')) for n in names)
+    assert 'backbone.conv1.conv' not in names  # stem stays full precision
+    convs = [
+        n for n, m in runner.model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and n.startswith('bbox_head.')
+    ]
+    assert convs
+    assert not any(n.startswith('bbox_head.') for n in names)
+
+
+def test_every_mixture_parameter_trained(dgms_run, fp_checkpoint):
+    runner, _, _ = dgms_run
+    optimizer = runner.optim_wrapper.optimizer
+    mixture_params = {
+        n: p
+        for n, p in runner.model.named_parameters() if '.mixture.' in n
+    }
+    assert mixture_params
+
+    # AdamW keeps a state only for parameters that received a gradient.
+    no_grad = [n for n, p in mixture_params.items() if p not in optimizer.state]
+    assert no_grad == []
+    max_grad = runner.gradient_recorder.max_grad
+    assert max_grad.keys() == mixture_params.keys()
+    zero = [n for n, g in max_grad.items() if g == 0.0]
+    assert zero == []
+    not_finite = [n for n, g in max_grad.items() if not math.isfinite(g)]
+    assert not_finite == []
+
+    # Each mixture moved away from its k-means start, which is deterministic
+    # and so can be recomputed from the full-precision weights.
+    fp_state = torch.load(fp_checkpoint, weights_only=True)['state_dict']
+    unchanged = []
+    for name, layer in dgms_layers(runner.model).items():
+        fresh = type(layer.mixture)(bits=layer.bits)
+        fresh.init_from_weights(fp_state[f'{name}.weight'])
+        for pname, start in fresh.named_parameters():
+            trained = getattr(layer.mixture, pname)
+            if torch.equal(trained.detach(), start.detach()):
+                unchanged.append(f'{name}.mixture.{pname}')
+    assert unchanged == [], unchanged
+
+
+def test_paramwise_cfg_applies_to_mixture(dgms_run):
+    runner, _, _ = dgms_run
+    mixture_ids = {
+        id(p)
+        for n, p in runner.model.named_parameters() if '.mixture.' in n
+    }
+    groups = runner.optim_wrapper.optimizer.param_groups
+    mixture_groups = [
+        g for g in groups if any(id(p) in mixture_ids for p in g['params'])
+    ]
+    assert mixture_groups
+    for group in mixture_groups:
+        assert group['weight_decay'] == 0.0
+        assert group['initial_lr'] == pytest.approx(1e-3)  # 10 x 1e-4
+
+
+def test_checkpoint_holds_mixture_and_meta(dgms_run):
+    runner, work_dir, _ = dgms_run
+    checkpoint = torch.load(work_dir / 'epoch_2.pth', weights_only=True)
+    saved = {
+        k: v
+        for k, v in checkpoint['state_dict'].items() if '.mixture.' in k
+    }
+    live = mixture_state(runner.model)
+    assert saved.keys() == live.keys()
+    for key in live:
+        assert torch.equal(saved[key], live[key]), key
+    layers = checkpoint['meta']['dgms']['layers']
+    assert set(layers) == set(dgms_layers(runner.model))
+    assert set(layers.values()) == {4}
+
+
+def test_resume_restores_mixture_without_reinit(configs, dgms_run,
+                                                tmp_path):
+    _, work_dir, _ = dgms_run
+    checkpoint = work_dir / 'epoch_1.pth'
+    saved = torch.load(checkpoint, weights_only=True)['state_dict']
+
+    # max_epochs=1 equals the checkpoint's epoch, so train() resumes and
+    # stops without an iteration: the model must equal the checkpoint.
+    runner = build_runner(configs[1], tmp_path, resume=True,
+                          load_from=str(checkpoint),
+                          train_cfg=dict(max_epochs=1))
+    runner.train()
+    live = mixture_state(runner.model)
+    assert live
+    for key, value in live.items():
+        assert torch.equal(value, saved[key]), key
+    log = next(tmp_path.glob('*/*.log')).read_text()
+    assert 'nothing to initialise' in log
+    assert 'by k-means' not in log
+
+
+def test_resume_continues_training(configs, dgms_run, tmp_path):
+    _, work_dir, _ = dgms_run
+    runner = build_runner(configs[1], tmp_path, resume=True,
+                          load_from=str(work_dir / 'epoch_1.pth'))
+    runner.train()
+    assert runner.epoch == 2
+    assert runner.iter == 4  # 2 epochs x 2 iterations of 4 images
+
+
+def test_tools_test_matches_last_validation(configs, dgms_run, tmp_path):
+    _, work_dir, val_map = dgms_run
+    checkpoint = work_dir / 'epoch_2.pth'
+    ours = tmp_path / 'ours.pkl'
+    log = run_tool([
+        REPO_ROOT / 'tools' / 'test.py', configs[1], checkpoint,
+        '--work-dir', tmp_path / 'ours', '--out', ours
+    ])
+    assert parse_map(log)[:2] == pytest.approx(val_map, abs=1e-9)
+    assert 'DGMS layers at test (hard weights)' in log
+
+    # mmdet's own copy of tools/test.py, with the plugin loaded only through
+    # the config's custom_imports.
+    import mmdet
+    mmdet_test = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'test.py'
+    theirs = tmp_path / 'theirs.pkl'
+    log = run_tool([
+        mmdet_test, configs[1], checkpoint, '--work-dir',
+        tmp_path / 'theirs', '--out', theirs
+    ])
+    assert parse_map(log)[:2] == pytest.approx(val_map, abs=1e-9)
+
+    import pickle
+    with open(ours, 'rb') as f:
+        ours_results = pickle.load(f)
+    with open(theirs, 'rb') as f:
+        theirs_results = pickle.load(f)
+    assert len(ours_results) == 2
+    for a, b in zip(ours_results, theirs_results):
+        boxes = a['pred_instances']['bboxes']
+        assert len(boxes) > 0
+        assert torch.equal(boxes, b['pred_instances']['bboxes'])
+        assert torch.equal(a['pred_instances']['scores'],
+                           b['pred_instances']['scores'])
+
+
+def test_mmdet_train_tool_runs_dgms(configs, fp_checkpoint, tmp_path):
+    import mmdet
+    mmdet_train = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'train.py'
+    log = run_tool([
+        mmdet_train, configs[1], '--work-dir', tmp_path, '--cfg-options',
+        f'load_from={fp_checkpoint}', 'train_cfg.max_epochs=1'
+    ])
+    assert 'DGMS: initialised' in log
+    checkpoint = torch.load(tmp_path / 'epoch_1.pth', weights_only=True)
+    assert any('.mixture.means' in k for k in checkpoint['state_dict'])
+
+
+def test_missing_load_from_is_reported(configs, tmp_path):
+    missing = tmp_path / 'no_such_checkpoint.pth'
+    runner = build_runner(configs[1], tmp_path, load_from=str(missing))
+    with pytest.raises(FileNotFoundError, match='no_such_checkpoint.pth'):
+        runner.train()
+
+
+def test_no_pretrained_weights_is_rejected(configs, tmp_path):
+    runner = build_runner(configs[1], tmp_path, load_from=None)
+    with pytest.raises(ValueError, match='load_from is not set'):
+        runner.train()
+
+
+def test_full_precision_checkpoint_cannot_be_tested(configs, fp_checkpoint,
+                                                    tmp_path):
+    runner = build_runner(configs[1], tmp_path, load_from=str(fp_checkpoint))
+    with pytest.raises(RuntimeError, match='not a checkpoint of a DGMS run'):
+        runner.test()

@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint (COCO mAP for the COCO-style configs).
+
+DGMS checkpoints are evaluated with hard (codebook) weights.
+
+Example:
+    python tools/test.py configs/dgms/retinanet_r50_4bit.py CKPT.pth
+"""
+import argparse
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+
+import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
+from train import build_runner
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config', help='path of the config the checkpoint '
+                        'was trained with')
+    parser.add_argument('checkpoint', help='checkpoint file to evaluate')
+    parser.add_argument('--work-dir',
+                        help='folder for the evaluation logs; default: '
+                        'work_dirs/<config name>')
+    parser.add_argument('--out',
+                        help='also dump the raw detections to this .pkl file')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries')
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        help='job launcher for distributed testing')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    for path, what in ((args.config, 'config'), (args.checkpoint,
+                                                 'checkpoint')):
+        if not osp.isfile(path):
+            raise SystemExit(f'{what} file not found: {path}')
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise SystemExit(f'--out must end with .pkl, got {args.out}')
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+
+    runner = build_runner(cfg)
+    if args.out is not None:
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()
