@@ -5,13 +5,13 @@ _base_ = ['./retinanet_mnv2_fpn_trees_fp.py']
 
 # The full-precision checkpoint to fine-tune (written by the demo's first
 # stage); override with --cfg-options load_from=PATH.
-load_from = 'work_dirs/trees_fp/epoch_24.pth'
+load_from = 'work_dirs/demo/fp/epoch_20.pth'
 bits = 4
 model = dict(backbone=dict(init_cfg=None))
 
 custom_hooks = [dict(type='DGMSHook', bits=bits)]
 
-max_epochs = 8
+max_epochs = 6
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 # Fine-tuning: a 10x smaller learning rate than full-precision training,
 # no weight decay on the mixture parameters (they are logarithms, logits and

@@ -97,21 +97,37 @@ class DGMSConv2d(nn.Conv2d):
         layer.train(conv.training)
         return layer
 
-    def _param_versions(self) -> tuple:
-        return tuple((id(t), t._version) for t in (
-            self.weight, self.mixture.means, self.mixture.log_stds,
-            self.mixture.mix_logits))
+    def _cache_sources(self) -> tuple:
+        return (self.weight, self.mixture.means, self.mixture.log_stds,
+                self.mixture.mix_logits)
+
+    def _cache_is_valid(self) -> bool:
+        # Compare values, not version counters: edits through ``.data`` and
+        # dtype or device moves do not bump ``_version``. Comparing costs one
+        # pass over the weights, far less than the K passes of quantizing.
+        if self._hard_cache is None:
+            return False
+        sources, _ = self._hard_cache
+        return all(
+            cached.dtype == live.dtype and cached.device == live.device
+            and torch.equal(cached, live)
+            for cached, live in zip(sources, self._cache_sources()))
 
     def quantized_weight(self) -> Tensor:
-        """Return the weights this layer convolves with in its current mode."""
+        """Return the weights this layer convolves with in its current mode.
+
+        In evaluation mode the hard weights are computed once and reused
+        until the weights or the mixture change, so an evaluation pays for
+        quantization once, not per image.
+        """
         self.mixture.check_initialized(self.layer_name)
         if self.training:
             self._hard_cache = None
             return self.mixture.soft_weights(self.weight)
 
-        versions = self._param_versions()
-        if self._hard_cache is None or self._hard_cache[0] != versions:
-            self._hard_cache = (versions,
+        if not self._cache_is_valid():
+            sources = tuple(t.detach().clone() for t in self._cache_sources())
+            self._hard_cache = (sources,
                                 self.mixture.hard_weights(self.weight))
         return self._hard_cache[1]
 
