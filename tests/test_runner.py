@@ -1,7 +1,7 @@
 """DGMS through MMEngine's real Runner: train, checkpoint, resume, test.
 
 A tiny RetinaNet (tests/configs) is trained in full precision for one epoch
-on 8 tree tiles; that checkpoint is the load_from of a 2-epoch DGMS run.
+on 8 tree tiles. That checkpoint is the load_from of a 2-epoch DGMS run.
 """
 import math
 import os

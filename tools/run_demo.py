@@ -98,10 +98,15 @@ def train_stage(stage, args, load_from=None) -> dict:
     return dict(checkpoint=checkpoint, train_seconds=round(seconds, 1))
 
 
-def evaluate_stage(stage, args, checkpoint) -> dict:
-    work_dir = osp.join(args.work_dir, stage, 'test')
+def evaluate_stage(stage, args, checkpoint, split='val') -> dict:
+    """Return COCO metrics of a checkpoint on a split, with layer stats."""
+    work_dir = osp.join(args.work_dir, stage, f'test_{split}')
     cfg = stage_config(stage, args.data_root, work_dir, load_from=checkpoint)
     cfg.model.backbone.init_cfg = None
+    if split != 'val':
+        root = args.data_root.rstrip('/') + '/'
+        cfg.test_dataloader.dataset.ann_file = f'annotations/{split}.json'
+        cfg.test_evaluator.ann_file = f'{root}annotations/{split}.json'
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     result = {k: float(metrics[f'coco/{k}']) for k in METRIC_KEYS}
@@ -154,6 +159,16 @@ def markdown_summary(summary: dict) -> str:
     delta = 100 * (summary['results']['dgms4']['bbox_mAP'] -
                    summary['results']['fp']['bbox_mAP'])
     lines += ['', f'4-bit minus full precision: {delta:+.1f} mAP points.', '']
+    lines += [
+        'In-domain reference (the training tiles, site YELL):', '',
+        '| model | mAP | mAP@50 | mAP@75 |', '|---|---|---|---|'
+    ]
+    for stage, (_, title) in STAGES.items():
+        r = summary['results'][stage]['train_split']
+        lines.append(f'| {title} | {100 * r["bbox_mAP"]:.1f} | '
+                     f'{100 * r["bbox_mAP_50"]:.1f} | '
+                     f'{100 * r["bbox_mAP_75"]:.1f} |')
+    lines.append('')
 
     for stage in ('dgms4', 'dgms2'):
         r = summary['results'][stage]
@@ -194,6 +209,13 @@ def main():
     for stage, run in runs.items():
         results[stage] = evaluate_stage(stage, args, run['checkpoint'])
         results[stage].update(run)
+        # In-domain reference: the training tiles themselves.
+        train_metrics = evaluate_stage(stage, args, run['checkpoint'],
+                                       split='train')
+        results[stage]['train_split'] = {
+            k: train_metrics[k]
+            for k in METRIC_KEYS
+        }
 
     splits = data['splits']
     summary = dict(

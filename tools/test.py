@@ -35,10 +35,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    for path, what in ((args.config, 'config'), (args.checkpoint,
+    for path, kind in ((args.config, 'config'), (args.checkpoint,
                                                  'checkpoint')):
         if not osp.isfile(path):
-            raise SystemExit(f'{what} file not found: {path}')
+            raise SystemExit(f'{kind} file not found: {path}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise SystemExit(f'--out must end with .pkl, got {args.out}')
 

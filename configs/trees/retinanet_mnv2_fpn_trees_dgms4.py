@@ -1,5 +1,5 @@
-# DGMS 4-bit fine-tuning of the full-precision tree detector: every conv of
-# the MobileNetV2 backbone and the FPN except the stem is quantized; the
+# DGMS 4-bit fine-tuning of the full-precision tree detector. Every conv of
+# the MobileNetV2 backbone and the FPN except the stem is quantized, and the
 # RetinaNet head stays in full precision.
 _base_ = ['./retinanet_mnv2_fpn_trees_fp.py']
 
@@ -13,10 +13,10 @@ custom_hooks = [dict(type='DGMSHook', bits=bits)]
 
 max_epochs = 6
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-# Fine-tuning: a 10x smaller learning rate than full-precision training,
-# no weight decay on the mixture parameters (they are logarithms, logits and
-# means, where decay towards 0 has no meaning) and a higher rate for them so
-# the codebook moves within a short schedule.
+# Fine-tuning uses a 10x smaller learning rate than full-precision training.
+# The mixture parameters get a 10x higher rate, so the codebook moves within
+# a short schedule, and no weight decay, because decaying logarithms, logits
+# and means towards 0 has no meaning.
 optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4),
     paramwise_cfg=dict(

@@ -15,9 +15,9 @@ class DGMSConv2d(nn.Conv2d):
     ``weight`` stays the full-precision latent parameter. In training mode
     the convolution uses the soft weights sum_k r_k(w) mu_k, so the detection
     loss trains the latent weights and the mixture together. In evaluation
-    mode it uses the hard weights (each weight replaced by the mean of its
-    most responsible component); they are computed once and reused until a
-    weight or mixture parameter changes.
+    mode it uses the hard weights, where each weight is replaced by the mean
+    of its most responsible component. They are computed once and reused
+    until a weight or mixture parameter changes.
 
     Build it from a config (``conv_cfg=dict(type='DGMSConv', bits=4)`` in any
     MMCV/MMDetection module that takes a ``conv_cfg``) or convert an existing
@@ -72,7 +72,7 @@ class DGMSConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, **mixture_cfg) -> 'DGMSConv2d':
         """Return a DGMSConv2d that takes over ``conv``'s weight and bias.
 
-        The new layer holds the very same ``weight`` and ``bias`` Parameter
+        The new layer uses the very same ``weight`` and ``bias`` Parameter
         objects, so an optimizer or a state dict that refers to them keeps
         working. The mixture is not initialised here: call
         ``layer.mixture.init_from_weights(layer.weight)`` once the trained
@@ -91,7 +91,7 @@ class DGMSConv2d(nn.Conv2d):
                         **mixture_cfg)
         layer.weight = conv.weight
         layer.bias = conv.bias
-        # The mixture built under the meta device above holds no data.
+        # The mixture built under the meta device above has no storage.
         layer.mixture = GaussianMixtureQuantizer(**mixture_cfg).to(
             device=conv.weight.device)
         layer.train(conv.training)

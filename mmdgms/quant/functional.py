@@ -12,9 +12,9 @@ component with mean 0):
 The constant -log(2 pi) / 2 of the Gaussian log-density cancels in the
 softmax and is left out. ``g`` is the normalised responsibility of the
 published method, so ``r = softmax(g / tau)`` is the published indicator.
-Computing ``g`` from log-densities with a max-shifted softmax, instead of
-dividing densities ``pi_k N(w | mu_k, sigma_k)``, gives the same values
-wherever the density form is finite and stays finite where densities
+Here ``g`` is a max-shifted softmax of log-densities instead of a ratio of
+densities ``pi_k N(w | mu_k, sigma_k)``. Both give the same values wherever
+the density form is finite. The log form also stays finite where densities
 underflow to 0 (a weight far from every component) or overflow (a collapsed
 standard deviation).
 
@@ -38,8 +38,26 @@ SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 CHUNK_ELEMENTS = 1 << 20
 
 
+# Softmax inputs are clipped to this distance below their row maximum, so
+# that no exponential is subnormal (exp(-80) = 1.8e-34 is a normal float32).
+# This changes any probability by less than K * 1.8e-34.
+SOFTMAX_FLOOR = -80.0
+
+
 def _chunk_length(num_components: int) -> int:
     return max(1, CHUNK_ELEMENTS // num_components)
+
+
+def softmax_rows(x: Tensor) -> Tensor:
+    """Softmax over dim 1 that never produces subnormal numbers.
+
+    Subnormal operands take a slow microcode path on x86 CPUs; a tempered
+    softmax with tau = 0.01 produces them for most weights. ``x`` is
+    overwritten.
+    """
+    x = x.sub_(x.max(dim=1, keepdim=True).values).clamp_(min=SOFTMAX_FLOOR)
+    x = x.exp_()
+    return x.div_(x.sum(dim=1, keepdim=True))
 
 
 def component_logits(w: Tensor, means: Tensor, log_coef: Tensor,
@@ -73,9 +91,9 @@ class SoftWeight(torch.autograd.Function):
 
         for start in range(0, w.numel(), step):
             chunk = w[start:start + step]
-            resp = torch.softmax(
-                component_logits(chunk, means, log_coef, inv_two_var), dim=1)
-            indicator = torch.softmax(resp * inv_tau, dim=1)
+            resp = softmax_rows(
+                component_logits(chunk, means, log_coef, inv_two_var))
+            indicator = softmax_rows(resp * inv_tau)
             out[start:start + step] = indicator @ means
 
         out.masked_fill_(out.abs() < SMALLEST_NORMAL, 0.0)
@@ -97,37 +115,43 @@ class SoftWeight(torch.autograd.Function):
         w, means, log_coef, inv_two_var, temperature = ctx.saved_tensors
         step = _chunk_length(means.numel())
         inv_tau = 1.0 / temperature
+        two_a = 2.0 * inv_two_var
         need_w = ctx.needs_input_grad[0]
 
+        # The loop accumulates G = tau * dL/dl, which saves one K x chunk
+        # multiplication per chunk; the K-sized sums are scaled at the end.
         grad_w = torch.empty_like(w) if need_w else None
-        grad_means = torch.zeros_like(means)
-        grad_log_coef = torch.zeros_like(log_coef)
-        grad_inv_two_var = torch.zeros_like(inv_two_var)
+        direct_means = torch.zeros_like(means)  # sum dy r_k
+        sum_g = torch.zeros_like(log_coef)  # sum G_k
+        sum_g_sq = torch.zeros_like(inv_two_var)  # sum G_k (w - mu_k)^2
+        sum_g_diff = torch.zeros_like(means)  # sum G_k (w - mu_k)
         grad_inv_tau = torch.zeros_like(temperature)
 
         for start in range(0, w.numel(), step):
             chunk = w[start:start + step]
             dy = grad_out[start:start + step, None]
             diff = chunk[:, None] - means[None, :]
-            logits = log_coef[None, :] - inv_two_var[None, :] * diff * diff
-            resp = torch.softmax(logits, dim=1)
-            indicator = torch.softmax(resp * inv_tau, dim=1)
+            sq = diff * diff
+            resp = softmax_rows(log_coef - inv_two_var * sq)
+            indicator = softmax_rows(resp * inv_tau)
             soft = indicator @ means
 
-            dy_r = dy * indicator
-            grad_z = dy_r * (means[None, :] - soft[:, None])
-            grad_inv_tau += (grad_z * resp).sum()
-            grad_resp = grad_z * inv_tau
-            grad_logits = resp * (
-                grad_resp - (resp * grad_resp).sum(dim=1, keepdim=True))
+            direct_means += dy[:, 0] @ indicator
+            grad_z = indicator.mul_(dy).mul_(means[None, :] - soft[:, None])
+            row_dot = (resp * grad_z).sum(dim=1, keepdim=True)
+            grad_inv_tau += row_dot.sum()
+            g_scaled = grad_z.sub_(row_dot).mul_(resp)
 
-            grad_log_coef += grad_logits.sum(dim=0)
-            grad_inv_two_var -= (grad_logits * diff * diff).sum(dim=0)
-            pull = grad_logits * (2.0 * inv_two_var[None, :]) * diff
-            grad_means += pull.sum(dim=0) + dy_r.sum(dim=0)
+            sum_g += g_scaled.sum(dim=0)
+            sum_g_sq += (g_scaled * sq).sum(dim=0)
+            g_diff = diff.mul_(g_scaled)
+            sum_g_diff += g_diff.sum(dim=0)
             if need_w:
-                grad_w[start:start + step] = -pull.sum(dim=1)
+                grad_w[start:start + step] = (g_diff @ two_a).mul_(-inv_tau)
 
+        grad_log_coef = sum_g * inv_tau
+        grad_inv_two_var = -sum_g_sq * inv_tau
+        grad_means = sum_g_diff * two_a * inv_tau + direct_means
         # tau enters only through 1 / tau: dL/dtau = -dL/d(1/tau) / tau^2.
         grad_temperature = -grad_inv_tau * inv_tau * inv_tau
         return (grad_w, grad_means, grad_log_coef, grad_inv_two_var,

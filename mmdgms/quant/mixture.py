@@ -148,7 +148,7 @@ class GaussianMixtureQuantizer(nn.Module):
         """Return (indices, codebook): the hard assignment of every weight.
 
         ``indices`` is uint8 shaped like ``weight`` with values in [0, K);
-        ``codebook`` holds the K means with codebook[0] = 0, so
+        ``codebook`` contains the K means with codebook[0] = 0, so
         ``codebook[indices.long()]`` is the hard weight tensor.
         """
         means, log_coef, inv_two_var = self.mixture_terms()

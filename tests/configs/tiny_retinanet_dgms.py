@@ -4,9 +4,10 @@ _base_ = ['./tiny_retinanet_fp.py']
 custom_hooks = [dict(type='DGMSHook', bits=4)]
 max_epochs = 2
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-# A layer's temperature gradient sums the few weights near a decision
-# boundary and reaches 1e-11 on the P6 conv of 128 px inputs; with Adam's
-# default eps of 1e-8 such a step would vanish below float32 resolution.
+# A layer's temperature gradient comes only from the few weights near a
+# decision boundary, and it is as small as 1e-11 on the P6 conv of 128 px
+# inputs. With Adam's default eps of 1e-8, such a step would vanish below
+# float32 resolution.
 optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4, eps=1e-12),
     paramwise_cfg=dict(
