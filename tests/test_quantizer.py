@@ -111,7 +111,7 @@ def clipping_bound(mixture) -> float:
     the smallest normal float32 are also flushed to 0.
     """
     k = mixture.num_components
-    scale = float(mixture.codebook().abs().max())
+    scale = float(mixture.codebook().detach().abs().max())
     amplification = 2.0 + 2.0 / float(mixture.temperature)
     return (amplification * k * math.exp(SOFTMAX_FLOOR) * scale +
             SMALLEST_NORMAL)
