@@ -105,10 +105,11 @@ def assert_all_finite(tensor, description):
 def clipping_bound(mixture) -> float:
     """Return the largest deviation the library allows itself on purpose.
 
-    Its softmaxes clip inputs at SOFTMAX_FLOOR below the row maximum, which
-    moves each probability by at most K * exp(SOFTMAX_FLOOR); through g / tau
-    that reaches the soft weight amplified by at most 1 / tau. Values below
-    the smallest normal float32 are also flushed to 0.
+    Its softmaxes set entries more than -SOFTMAX_FLOOR below the row
+    maximum to 0, which moves each probability by at most
+    K * exp(SOFTMAX_FLOOR). Through g / tau that reaches the soft weight
+    amplified by at most 1 / tau. Values below the smallest normal float32
+    are also flushed to 0.
     """
     k = mixture.num_components
     scale = float(mixture.codebook().detach().abs().max())

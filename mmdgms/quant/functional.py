@@ -38,10 +38,11 @@ SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 CHUNK_ELEMENTS = 1 << 20
 
 
-# Softmax inputs are clipped to this distance below their row maximum, so
-# that no exponential is subnormal (exp(-80) = 1.8e-34 is a normal float32).
-# This changes any probability by less than K * 1.8e-34.
-SOFTMAX_FLOOR = -80.0
+# Softmax entries more than this far below their row maximum are set to
+# exactly 0 instead of exp(x - max) < 9.4e-14. That changes no probability by
+# more than K * 9.4e-14, and it keeps the products of probabilities in the
+# backward pass far from the subnormal range (below 1.2e-38).
+SOFTMAX_FLOOR = -30.0
 
 
 def _chunk_length(num_components: int) -> int:
@@ -49,14 +50,14 @@ def _chunk_length(num_components: int) -> int:
 
 
 def softmax_rows(x: Tensor) -> Tensor:
-    """Softmax over dim 1 that never produces subnormal numbers.
+    """Softmax over dim 1 whose entries are 0 or at least exp(SOFTMAX_FLOOR).
 
-    Subnormal operands take a slow microcode path on x86 CPUs; a tempered
-    softmax with tau = 0.01 produces them for most weights. ``x`` is
-    overwritten.
+    Subnormal operands take a slow microcode path on x86 CPUs, and a
+    tempered softmax with tau = 0.01 produces them, or products of them,
+    for most weights. ``x`` is overwritten.
     """
-    x = x.sub_(x.max(dim=1, keepdim=True).values).clamp_(min=SOFTMAX_FLOOR)
-    x = x.exp_()
+    x = x.sub_(x.max(dim=1, keepdim=True).values)
+    x = x.masked_fill_(x < SOFTMAX_FLOOR, float('-inf')).exp_()
     return x.div_(x.sum(dim=1, keepdim=True))
 
 
@@ -156,6 +157,20 @@ class SoftWeight(torch.autograd.Function):
         grad_temperature = -grad_inv_tau * inv_tau * inv_tau
         return (grad_w, grad_means, grad_log_coef, grad_inv_two_var,
                 grad_temperature)
+
+
+def plain_soft_weights(w: Tensor, means: Tensor, log_coef: Tensor,
+                       inv_two_var: Tensor, temperature: Tensor) -> Tensor:
+    """Return the same values as :class:`SoftWeight` with plain autograd.
+
+    Autograd keeps the K x N intermediates of every step for the backward
+    pass, which costs several times the memory and time of the chunked
+    function. Kept as the reference for benchmarks and tests.
+    """
+    logits = component_logits(w, means, log_coef, inv_two_var)
+    resp = torch.softmax(logits, dim=1)
+    indicator = torch.softmax(resp / temperature, dim=1)
+    return indicator @ means
 
 
 @torch.no_grad()

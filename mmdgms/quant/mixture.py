@@ -5,7 +5,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from .functional import SoftWeight, hard_indices
+from .functional import SoftWeight, hard_indices, plain_soft_weights
 from .kmeans import kmeans_1d
 
 MIN_BITS = 1
@@ -71,6 +71,7 @@ class GaussianMixtureQuantizer(nn.Module):
             raise ValueError(
                 f'init_temperature must be at least min_temperature='
                 f'{min_temperature}, got {init_temperature!r}')
+        self.implementation = 'chunked'
         self.min_std = float(min_std)
         self.min_temperature = float(min_temperature)
         self.learn_temperature = bool(learn_temperature)
@@ -137,10 +138,18 @@ class GaussianMixtureQuantizer(nn.Module):
     def soft_weights(self, weight: Tensor) -> Tensor:
         """Return the training weights sum_k r_k(w) mu_k, shaped like
         ``weight``; gradients reach the weights and every mixture parameter.
+
+        ``self.implementation`` selects the chunked autograd function
+        ('chunked', the default) or plain autograd ('plain', the memory-hungry
+        reference used by tools/benchmark_dgms.py).
         """
         means, log_coef, inv_two_var = self.mixture_terms()
-        flat = SoftWeight.apply(weight.reshape(-1), means, log_coef,
-                                inv_two_var, self.temperature)
+        if self.implementation == 'plain':
+            flat = plain_soft_weights(weight.reshape(-1), means, log_coef,
+                                      inv_two_var, self.temperature)
+        else:
+            flat = SoftWeight.apply(weight.reshape(-1), means, log_coef,
+                                    inv_two_var, self.temperature)
         return flat.view_as(weight)
 
     @torch.no_grad()
