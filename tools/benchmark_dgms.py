@@ -52,26 +52,27 @@ def parse_args():
     return parser.parse_args()
 
 
+def process_memory_bytes(field: str) -> int:
+    """Return a memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(f'{field}:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{field} not found in /proc/self/status')
+
+
 def peak_memory_bytes(device: str) -> int:
     import torch
     if device.startswith('cuda'):
         return torch.cuda.max_memory_allocated()
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('VmHWM not found in /proc/self/status')
+    return process_memory_bytes('VmHWM')
 
 
 def current_memory_bytes(device: str) -> int:
     import torch
     if device.startswith('cuda'):
         return torch.cuda.memory_allocated()
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError('VmRSS not found in /proc/self/status')
+    return process_memory_bytes('VmRSS')
 
 
 def run_worker(spec: dict) -> dict:
