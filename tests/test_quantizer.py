@@ -805,3 +805,22 @@ def test_init_from_degenerate_weights(weights):
     check_initialised(mixture)
     output = mixture.soft_weights(weights.clone().requires_grad_())
     assert torch.isfinite(output).all()
+
+
+def test_plain_implementation_matches_chunked():
+    weights = make_weights(3000, seed=11)
+    mixture = fitted_mixture(4, weights, 0.01)
+    upstream = make_weights(3000, seed=12, std=1.0)
+
+    chunked, chunked_grads = soft_weights_and_grads(library_soft_weights,
+                                                    weights, mixture,
+                                                    upstream)
+    mixture.implementation = 'plain'
+    plain, plain_grads = soft_weights_and_grads(library_soft_weights,
+                                                weights, mixture, upstream)
+
+    torch.testing.assert_close(plain, chunked, rtol=1e-5,
+                               atol=clipping_bound(mixture))
+    for name, grad in plain_grads.items():
+        error = relative_error(chunked_grads[name], grad)
+        assert error < GRAD_RTOL, f'gradient of {name}: relative error {error}'
