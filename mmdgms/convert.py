@@ -13,7 +13,7 @@ DEFAULT_INCLUDE = ('backbone.*', 'neck.*')
 
 @dataclass
 class DGMSConfig:
-    """Which layers DGMS quantizes, and how.
+    """Layer selection and mixture settings of a DGMS conversion.
 
     Args:
         bits (int): bits per weight for every selected layer, 1 to 8.
@@ -87,10 +87,10 @@ def find_stem_conv(model: nn.Module) -> Optional[str]:
 
 def _describe(names: List[str], modules: Dict[str, nn.Module],
               limit: int = 5) -> str:
-    shown = ', '.join(f'{n} ({type(modules[n]).__name__})'
-                      for n in names[:limit])
+    listed = ', '.join(f'{n} ({type(modules[n]).__name__})'
+                       for n in names[:limit])
     more = len(names) - limit
-    return shown + (f' and {more} more' if more > 0 else '')
+    return listed + (f' and {more} more' if more > 0 else '')
 
 
 def select_layers(model: nn.Module, cfg: DGMSConfig) -> List[str]:
