@@ -3,6 +3,9 @@
 # Usage: tools/dist_train.sh CONFIG NUM_PROCESSES [train.py options]
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, PORT (defaults: 1, 0,
 # 127.0.0.1, 29500).
+# NOTE: no test runs this script yet. DGMSHook wraps the converted model in
+# a new distributed wrapper so the mixture parameters are synchronised, and
+# that path has not run on more than one process.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 CONFIG NUM_PROCESSES [train.py options]" >&2
