@@ -15,10 +15,10 @@ custom_imports = dict(imports=['mmdgms'], allow_failed_imports=False)
 load_from = 'checkpoints/retinanet_r50_fpn_1x_coco_20200130-c2398f9e.pth'
 bits = 4
 
-# The stem stays frozen and full precision; layer1 is trained and quantized
-# (a frozen stage runs in eval mode, where DGMS layers use hard weights and
-# their mixtures would not learn). load_from provides every weight, so the
-# ImageNet initialisation is not needed.
+# The stem stays frozen and in full precision, while layer1 is trained and
+# quantized. A frozen stage runs in eval mode, where DGMS layers use hard
+# weights and their mixtures would not learn. load_from provides every
+# weight, so the ImageNet initialisation is not needed.
 model = dict(backbone=dict(frozen_stages=0, init_cfg=None))
 
 custom_hooks = [dict(type='DGMSHook', bits=bits)]

@@ -40,9 +40,10 @@ class DGMSHook(Hook):
       mixtures from the checkpoint and initialises nothing.
     - training iterations use soft weights; validation and testing use hard
       (codebook) weights, computed once per evaluation.
-    - every ``stats_interval`` iterations and after each evaluation the hook
-      logs total sparsity and bits (``dgms_sparsity``, ``dgms_bits``); after
-      each evaluation it also logs the per-layer table.
+    - every ``stats_interval`` training iterations the hook logs the total
+      sparsity (``dgms_sparsity``). After each evaluation it logs the total
+      sparsity and bits (``dgms_sparsity``, ``dgms_bits``) and, unless
+      ``log_layer_table`` is False, the per-layer table.
     - ``before_save_checkpoint``: stores the per-layer bit widths under
       ``checkpoint['meta']['dgms']``.
 

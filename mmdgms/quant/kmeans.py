@@ -25,9 +25,9 @@ def kmeans_1d(values: Tensor, k: int, max_iters: int = 300) -> KMeans1D:
     """Cluster a 1-D set of values into ``k`` clusters with Lloyd's algorithm.
 
     On sorted data every cluster of an optimal or Lloyd partition is a
-    contiguous run, so after one sort the assignment step is a binary search
-    of the k - 1 midpoints between centres and the update step reads sums
-    from prefix sums: each iteration costs O(k log N), not O(k N). Centres
+    contiguous run. After one sort, the assignment step is therefore a binary
+    search of the k - 1 midpoints between centres, and the update step reads
+    sums from prefix sums, so each iteration costs O(k log N), not O(k N). Centres
     start at the quantiles (i + 0.5) / k, so the result is deterministic and
     needs no random seed.
 
