@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
 
 from .container import write_atomic
 from .detectors import attach_graphs, trace_detector
@@ -238,12 +239,20 @@ def pack_checkpoint(config_path: str,
     input. The result records the largest absolute difference.
     """
     model, cfg, meta = load_dgms_detector(config_path, checkpoint_path)
+    print_log('pack: loaded the checkpoint; tracing and quantizing',
+              logger='current')
     graphs, info = trace_detector(model)
     meta_obj = describe_model(cfg, meta, graphs, info, checkpoint_path)
+    print_log(
+        f'pack: encoding {meta_obj["dgms"]["layers"]} quantized layers '
+        f'({"rANS" if entropy else "bit-packed"} indices, {weight_dtype} '
+        'dense layers)', logger='current')
     data, reports = encode_packed(graphs, meta_obj, weight_dtype, entropy)
 
     max_diff = None
     if verify:
+        print_log('pack: reading the file back and comparing with PyTorch',
+                  logger='current')
         packed = read_packed(data, out_path)
         max_diff = compare_outputs(model, packed.graphs, info)
     write_atomic(out_path, data)

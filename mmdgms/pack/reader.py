@@ -15,7 +15,7 @@ import numpy as np
 from .codec import rans_decode, unpack_bits
 from .container import PackedFormatError, Section, decode_container
 from .graph import ACTIVATIONS, ConvParams, Graph, Node
-from .writer import FORMAT_NAME, WEIGHT_DTYPES
+from .writer import CONV_DEFAULTS, FORMAT_NAME, WEIGHT_DTYPES
 
 # Limits that no real detector reaches; larger values mean a corrupt or
 # hostile file, and checking them first keeps allocations bounded.
@@ -63,13 +63,17 @@ class _Checker:
             self.fail(where, f'{key} has the wrong type ({type(value).__name__})')
         return value
 
-    def int_range(self, obj, key, low, high, where) -> int:
+    def int_range(self, obj, key, low, high, where, default=None) -> int:
+        if default is not None and isinstance(obj, dict) and key not in obj:
+            return default
         value = self.get(obj, key, int, where)
         if not low <= value <= high:
             self.fail(where, f'{key}={value} is outside [{low}, {high}]')
         return value
 
-    def pair(self, obj, key, low, high, where) -> List[int]:
+    def pair(self, obj, key, low, high, where, default=None) -> List[int]:
+        if default is not None and isinstance(obj, dict) and key not in obj:
+            return list(default)
         value = self.get(obj, key, list, where)
         if len(value) != 2 or not all(
                 isinstance(v, int) and not isinstance(v, bool)
@@ -146,7 +150,8 @@ class _GraphReader:
                                       where)
         out_channels = check.int_range(entry, 'out_channels', 1,
                                        MAX_CHANNELS, where)
-        groups = check.int_range(entry, 'groups', 1, MAX_CHANNELS, where)
+        groups = check.int_range(entry, 'groups', 1, MAX_CHANNELS, where,
+                                 CONV_DEFAULTS['groups'])
         if in_channels % groups or out_channels % groups:
             check.fail(where, f'groups={groups} does not divide '
                        f'{in_channels} input and {out_channels} output '
@@ -154,15 +159,15 @@ class _GraphReader:
         attrs = dict(in_channels=in_channels, out_channels=out_channels,
                      groups=groups,
                      kernel=check.pair(entry, 'kernel', 1, MAX_KERNEL, where),
-                     stride=check.pair(entry, 'stride', 1, MAX_STRIDE, where),
+                     stride=check.pair(entry, 'stride', 1, MAX_STRIDE, where,
+                                       CONV_DEFAULTS['stride']),
                      padding=check.pair(entry, 'padding', 0, MAX_PADDING,
-                                        where),
+                                        where, CONV_DEFAULTS['padding']),
                      dilation=check.pair(entry, 'dilation', 1, MAX_KERNEL,
-                                         where))
+                                         where, CONV_DEFAULTS['dilation']))
         shape = [out_channels, in_channels // groups] + attrs['kernel']
         params = ConvParams()
-        kind = check.get(entry, 'weight', str, where)
-        if kind == 'codebook':
+        if 'bits' in entry:
             params.bits = check.int_range(entry, 'bits', 1, 8, where)
             data = self.raw(section, entry, 'codebook', where)
             size = len(data) // 4
@@ -174,11 +179,9 @@ class _GraphReader:
                                          'f32', where)
             params.indices = self.indices(section, entry, shape, params,
                                           where)
-        elif kind == 'dense':
+        else:
             params.weight = self.array(section, entry, 'data', shape,
                                        self.dtype(entry, where), where)
-        else:
-            check.fail(where, f'unknown weight kind {kind!r}')
         params.scale = self.optional_array(section, entry, 'scale',
                                            out_channels, where)
         params.bias = self.optional_array(section, entry, 'bias',
@@ -191,7 +194,7 @@ class _GraphReader:
         check = self.check
         count = math.prod(shape)
         data = self.raw(section, entry, 'indices', where)
-        encoding = check.get(entry, 'encoding', str, where)
+        encoding = entry.get('encoding', 'bitpack')
         if encoding not in ('bitpack', 'rans'):
             check.fail(where, f'unknown index encoding {encoding!r}')
         try:
@@ -212,8 +215,6 @@ class _GraphReader:
                                       where)
         out_features = check.int_range(entry, 'out_features', 1, 1 << 24,
                                        where)
-        if check.get(entry, 'weight', str, where) != 'dense':
-            check.fail(where, 'a linear layer must have dense weights')
         weight = self.array(section, entry, 'data',
                             [out_features, in_features],
                             self.dtype(entry, where), where)
@@ -231,14 +232,11 @@ class _GraphReader:
             kind = check.get(entry, 'type', str, where)
             name = check.get(entry, 'name', str, where)
             where = f'layer {index} ({name})'
-            section_index = check.get(entry, 'section', int, where)
-            if not 2 <= section_index < len(self.sections) or self.sections[
+            section_index = 2 + index
+            if section_index >= len(self.sections) or self.sections[
                     section_index].tag != 'LAYR':
-                check.fail(where, f'section {section_index} is not a LAYR '
+                check.fail(where, f'section {section_index} must be its LAYR '
                            'section')
-            if section_index in used:
-                check.fail(where, f'section {section_index} belongs to '
-                           'another layer')
             used.add(section_index)
             section = self.sections[section_index].data
             if kind == 'conv2d':

@@ -15,6 +15,9 @@ FORMAT_NAME = 'mmdgms-packed-detector'
 # reader that maps the file can use them in place as float32 or SIMD data.
 ARRAY_ALIGNMENT = 16
 WEIGHT_DTYPES = ('f32', 'f16')
+# Values of conv fields that the layer table may leave out.
+CONV_DEFAULTS = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1],
+                     groups=1)
 
 
 @dataclass
@@ -76,16 +79,18 @@ def _conv_layer(node: Node, section: _SectionBuilder, weight_dtype: str,
     and size report."""
     params, attrs = node.params, node.attrs
     entry = dict(type='conv2d', name=node.name)
-    entry.update({
-        key: attrs[key]
-        for key in ('in_channels', 'out_channels', 'kernel', 'stride',
-                    'padding', 'dilation', 'groups')
-    })
+    for key in ('in_channels', 'out_channels', 'kernel', 'stride', 'padding',
+                'dilation', 'groups'):
+        # Fields at their default value are left out to keep the graph
+        # description small next to the weights.
+        if attrs[key] != CONV_DEFAULTS.get(key):
+            entry[key] = attrs[key]
     if params.indices is not None:
         indices = params.indices.reshape(-1)
         num_symbols = len(params.codebook)
-        entry.update(weight='codebook', bits=params.bits,
-                     encoding='rans' if entropy else 'bitpack')
+        entry['bits'] = params.bits
+        if entropy:
+            entry['encoding'] = 'rans'
         entry['codebook'] = section.add_array(params.codebook)
         stream = (rans_encode(indices, num_symbols)
                   if entropy else pack_bits(indices, params.bits))
@@ -100,7 +105,7 @@ def _conv_layer(node: Node, section: _SectionBuilder, weight_dtype: str,
                           indices, num_symbols),
                       index_bytes=len(stream))
     else:
-        entry.update(weight='dense', dtype=weight_dtype)
+        entry['dtype'] = weight_dtype
         entry['data'] = section.add_array(params.weight, weight_dtype)
         weights = int(params.weight.size)
         bits = 32 if weight_dtype == 'f32' else 16
@@ -125,8 +130,7 @@ def _linear_layer(node: Node, section: _SectionBuilder,
     weight, bias = node.params['weight'], node.params['bias']
     entry = dict(type='linear', name=node.name,
                  in_features=node.attrs['in_features'],
-                 out_features=node.attrs['out_features'], weight='dense',
-                 dtype=weight_dtype)
+                 out_features=node.attrs['out_features'], dtype=weight_dtype)
     entry['data'] = section.add_array(weight, weight_dtype)
     extra = _add_channel_arrays(entry, section, node.name,
                                 node.attrs['out_features'], bias=bias)
@@ -168,8 +172,7 @@ class _GraphEncoder:
             else:
                 entry, report = _linear_layer(node, builder,
                                               self.weight_dtype)
-            # META and GRPH are sections 0 and 1.
-            entry['section'] = 2 + len(self.sections)
+            # Layer i is stored in section 2 + i: META and GRPH come first.
             self.sections.append(Section('LAYR', bytes(builder.buffer)))
             self.layer_ids[key] = len(self.layers)
             self.layers.append(entry)
