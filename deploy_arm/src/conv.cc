@@ -263,30 +263,62 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                      str(expected_out));
     }
 
-    // Zero-padded, phase-split copy of the input (see ConvPlan).
-    std::unique_ptr<float[]> prepared(
-        new float[g.in_channels * plan->plane]);
+    // Zero-padded, phase-split copy of the input (see ConvPlan), in a
+    // buffer that each calling thread keeps for its later runs: a fresh
+    // allocation of this size is mapped anew by the C library each time,
+    // and the page faults cost more than a small layer's arithmetic.
+    // NOTE: the buffer keeps the size of the largest layer input a thread
+    // has run, until the thread exits.
+    thread_local std::unique_ptr<float[]> prepared;
+    thread_local int64_t prepared_capacity = 0;
+    const int64_t prepared_size = g.in_channels * plan->plane;
+    if (prepared_capacity < prepared_size) {
+      prepared.reset();
+      prepared_capacity = 0;
+      prepared.reset(new float[prepared_size]);
+      prepared_capacity = prepared_size;
+    }
+    // The workers must use this thread's buffer: a thread_local named
+    // inside the lambda would be their own.
+    float* const buffer = prepared.get();
     const ConvPlan& p = *plan;
     run_parallel(pool, g.in_channels, [&](int64_t c) {
-      float* dst = prepared.get() + c * p.plane;
+      float* dst = buffer + c * p.plane;
       const float* src = input + c * height * width;
-      std::memset(dst, 0, sizeof(float) * p.plane);
+
+      // Zero only what the input does not cover: the padding rows above
+      // and below, the slack after the last row, and per input row its
+      // padding columns (all of the row when it is phase-split).
+      const int64_t data_begin = g.pad_h * p.row_stride;
+      const int64_t data_end = (g.pad_h + height) * p.row_stride;
+      std::memset(dst, 0, sizeof(float) * data_begin);
+      std::memset(dst + data_end, 0, sizeof(float) * (p.plane - data_end));
+
       for (int64_t y = 0; y < height; ++y) {
         float* row = dst + (y + g.pad_h) * p.row_stride;
         const float* src_row = src + y * width;
         if (g.stride_w == 1) {
+          std::memset(row, 0, sizeof(float) * g.pad_w);
           std::memcpy(row + g.pad_w, src_row, sizeof(float) * width);
+          std::memset(row + g.pad_w + width, 0,
+                      sizeof(float) * (p.row_stride - g.pad_w - width));
           continue;
         }
-        for (int64_t x = 0; x < width; ++x) {
-          const int64_t column = x + g.pad_w;
-          row[(column % g.stride_w) * p.phase_w + column / g.stride_w] =
-              src_row[x];
+        // Phase q holds padded columns q, q + stride_w, ...: input columns
+        // x = q - pad_w + j * stride_w for j >= 0 with x >= 0.
+        std::memset(row, 0, sizeof(float) * p.row_stride);
+        for (int64_t q = 0; q < g.stride_w; ++q) {
+          const int64_t first =
+              ((q - g.pad_w) % g.stride_w + g.stride_w) % g.stride_w;
+          float* phase = row + q * p.phase_w + (first + g.pad_w) / g.stride_w;
+          for (int64_t x = first; x < width; x += g.stride_w) {
+            *phase++ = src_row[x];
+          }
         }
       }
     });
 
-    compute(p, prepared.get(), output, pool);
+    compute(p, buffer, output, pool);
     return Status::Ok();
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kOutOfMemory,

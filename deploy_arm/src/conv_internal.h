@@ -45,6 +45,7 @@ struct ConvWeights {
 
   // Dense layers: [groups][blocks_per_group][taps][out_block] weights.
   std::vector<float> packed;
+  int64_t out_block = 0;  // output channels per block: 1 or dense_out_block
   int64_t blocks_per_group = 0;
 
   std::vector<float> bias;  // [out_channels], zeros when absent

@@ -64,6 +64,7 @@ struct KernelTable {
   int quant_tile_segments;  // segments one quant kernel call computes
   int dense_tile_segments;  // segments one dense kernel call computes
   int dense_out_block;      // output channels one dense kernel call computes
+  int dense_single_tile_segments;  // segments of the one-channel variant
   // Computes tile `tile` for output channels [o_begin, o_end). scratch
   // holds (o_end - o_begin) * quant_tile_segments * lanes floats for the
   // partial sums between input-channel blocks.
@@ -73,6 +74,10 @@ struct KernelTable {
   // [block_begin, block_end) (block = group * blocks_per_group + b).
   void (*dense)(const DenseKernelArgs& args, int64_t tile,
                 int64_t block_begin, int64_t block_end);
+  // The same with blocks of one output channel, for layers with fewer
+  // than dense_out_block output channels per group (depthwise).
+  void (*dense_single)(const DenseKernelArgs& args, int64_t tile,
+                       int64_t block_begin, int64_t block_end);
 };
 
 const KernelTable& scalar_kernels();

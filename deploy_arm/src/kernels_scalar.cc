@@ -27,6 +27,7 @@ struct Ops {
 constexpr int kQuantTile = 4;
 constexpr int kDenseTile = 2;
 constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 4;
 
 }  // namespace
 
@@ -37,8 +38,10 @@ const KernelTable& scalar_kernels() {
       kQuantTile,
       kDenseTile,
       kDenseOutBlock,
+      kDenseSingleTile,
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }

@@ -38,6 +38,7 @@ constexpr int kQuantTile = 8;
 // 4 output channels x 5 segments = 20 accumulators + 5 inputs + weights.
 constexpr int kDenseTile = 5;
 constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 8;
 
 }  // namespace
 
@@ -48,8 +49,10 @@ const KernelTable& neon_kernels() {
       kQuantTile,
       kDenseTile,
       kDenseOutBlock,
+      kDenseSingleTile,
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }

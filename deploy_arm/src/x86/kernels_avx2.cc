@@ -39,6 +39,7 @@ constexpr int kQuantTile = 4;
 // fill the 16 ymm registers.
 constexpr int kDenseTile = 3;
 constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 8;
 
 }  // namespace
 
@@ -49,8 +50,10 @@ const KernelTable& avx2_kernels() {
       kQuantTile,
       kDenseTile,
       kDenseOutBlock,
+      kDenseSingleTile,
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }
