@@ -3,7 +3,7 @@
 // of a MobileNetV2 backbone.
 //
 // Each layer is timed as the best of --repeat runs after one warm-up run,
-// for every thread count; the quantized layers use random indices where
+// for every thread count. The quantized layers use random indices, and
 // index 0 (pruned) has the given probability. Before timing, each quantized
 // layer's output is checked against the dense layer built from its decoded
 // weights.
@@ -236,8 +236,8 @@ Options parse(int argc, char** argv) {
   return options;
 }
 
-void die(const Status& status, const std::string& what) {
-  std::fprintf(stderr, "error: %s: %s\n", what.c_str(),
+void die(const Status& status, const std::string& context) {
+  std::fprintf(stderr, "error: %s: %s\n", context.c_str(),
                status.message().c_str());
   std::exit(1);
 }

@@ -184,9 +184,9 @@ Status Conv2d::get_plan(int64_t height, int64_t width,
       conv_output_size(g, height, width, &plan->out_h, &plan->out_w);
   if (!status.ok()) return status;
 
-  // The last vector of a row may run past out_w; phase_w leaves room for
-  // it, so every load stays inside the buffer (the extra lanes read zeros
-  // and are not stored).
+  // The last vector of a row may run past out_w, so phase_w leaves room
+  // for it and every load stays inside the buffer. The extra lanes read
+  // zeros and are not stored.
   const int64_t padded_w = width + 2 * g.pad_w;
   const int64_t rounded_w = (plan->out_w + lanes_ - 1) / lanes_ * lanes_;
   const int64_t max_shift = (g.kernel_w - 1) * g.dilation_w / g.stride_w;
@@ -263,10 +263,10 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                      str(expected_out));
     }
 
-    // Zero-padded, phase-split copy of the input (see ConvPlan), in a
-    // buffer that each calling thread keeps for its later runs: a fresh
-    // allocation of this size is mapped anew by the C library each time,
-    // and the page faults cost more than a small layer's arithmetic.
+    // Zero-padded, phase-split copy of the input (see ConvPlan). Each
+    // calling thread keeps its buffer for later runs, because the C library
+    // maps a fresh allocation of this size anew each time, and the page
+    // faults cost more than a small layer's arithmetic.
     // NOTE: the buffer keeps the size of the largest layer input a thread
     // has run, until the thread exits.
     thread_local std::unique_ptr<float[]> prepared;
@@ -304,8 +304,8 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                       sizeof(float) * (p.row_stride - g.pad_w - width));
           continue;
         }
-        // Phase q holds padded columns q, q + stride_w, ...: input columns
-        // x = q - pad_w + j * stride_w for j >= 0 with x >= 0.
+        // Phase q contains the padded columns q, q + stride_w, ..., which
+        // are the input columns x = q - pad_w + j * stride_w with x >= 0.
         std::memset(row, 0, sizeof(float) * p.row_stride);
         for (int64_t q = 0; q < g.stride_w; ++q) {
           const int64_t first =

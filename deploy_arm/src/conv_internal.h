@@ -10,9 +10,9 @@
 namespace dgms_rt {
 
 // Layout of the prepared input and the tables that depend on the input
-// shape. The prepared input is per channel a zero-padded plane of
-// padded_h rows; each row is split into stride_w phases of phase_w floats,
-// phase p holding padded columns p, p + stride_w, p + 2 * stride_w, ...
+// shape. The prepared input has one zero-padded plane of padded_h rows per
+// channel. Each row is split into stride_w phases of phase_w floats, and
+// phase p contains the padded columns p, p + stride_w, p + 2 * stride_w, ...
 // So the inputs of consecutive output pixels under one kernel tap are
 // consecutive floats for every stride, and a vector load fetches them.
 struct ConvPlan {

@@ -36,8 +36,8 @@ inline typename Ops::Vec activate(typename Ops::Vec y, Activation act) {
 // Computes kTile segments (output pixel runs) of one tile for the output
 // channels [o_begin, o_end) by accumulating inputs per codebook index.
 // The input channels are processed in blocks, each block for all output
-// channels before the next, so that the tile's inputs of one block stay
-// in L1 cache; the partial sums wait in scratch in between.
+// channels before the next, so the tile's inputs of one block stay in L1
+// cache. The partial sums wait in scratch between blocks.
 template <class Ops, int kTile>
 void quant_tile(const QuantKernelArgs& args, int64_t tile, int64_t o_begin,
                 int64_t o_end, float* scratch) {

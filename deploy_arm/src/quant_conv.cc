@@ -137,7 +137,7 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
     // taps (64 channels of a 3x3 kernel), split evenly, so the tile's
     // input rows stay in L1 cache. 1x1 kernels use one block, because
     // their inputs per tile are small and splitting them leaves few taps
-    // per codebook group; both choices were the faster ones on the
+    // per codebook group. Both choices were the faster ones on the
     // ResNet-50 layers (docs/deploy_arm.md). The size depends on the
     // geometry only, so every instruction set sums in the same order.
     const int64_t in_per_group = g.in_channels / g.groups;
@@ -230,7 +230,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
 
   // Work item = (chunk of output channels, tile). A chunk's tap offsets
   // (about 256 KiB) stay in cache while the tile's inputs are reused
-  // across its channels; at most 64 channels per chunk keep the partial
+  // across its channels. At most 64 channels per chunk keep the partial
   // sums in scratch small.
   const int threads = pool != nullptr ? pool->num_threads() : 1;
   const int64_t taps_per_channel = std::max<int64_t>(

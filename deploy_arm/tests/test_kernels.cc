@@ -31,11 +31,11 @@ namespace {
 int g_checks = 0;
 int g_failures = 0;
 
-void check(bool condition, const std::string& what) {
+void check(bool condition, const std::string& context) {
   ++g_checks;
   if (!condition) {
     ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
+    std::printf("FAIL: %s\n", context.c_str());
   }
 }
 
@@ -113,7 +113,7 @@ std::string label(const Shape& shape, const char* kind, int bits, Isa isa,
 // Runs conv and returns its output; records a failure when it errs.
 std::vector<float> run_conv(const Conv2d& conv, const std::vector<float>& input,
                             int64_t height, int64_t width, int threads,
-                            const std::string& what) {
+                            const std::string& context) {
   int64_t out_h = 0;
   int64_t out_w = 0;
   conv_output_size(conv.geometry(), height, width, &out_h, &out_w);
@@ -123,7 +123,7 @@ std::vector<float> run_conv(const Conv2d& conv, const std::vector<float>& input,
   Status status = conv.run(input.data(), static_cast<int64_t>(input.size()),
                            height, width, output.data(),
                            static_cast<int64_t>(output.size()), &pool);
-  check(status.ok(), what + ": run failed: " + status.message());
+  check(status.ok(), context + ": run failed: " + status.message());
   return output;
 }
 
@@ -138,7 +138,7 @@ std::string format(double value) {
 void check_close(const std::vector<float>& output,
                  const std::vector<double>& expected,
                  const std::vector<double>& magnitude, int64_t taps,
-                 const std::string& what) {
+                 const std::string& context) {
   const double factor = (taps + 8) * static_cast<double>(FLT_EPSILON);
   int64_t bad = -1;
   for (size_t i = 0; i < output.size(); ++i) {
@@ -148,7 +148,7 @@ void check_close(const std::vector<float>& output,
       break;
     }
   }
-  check(bad < 0, what + ": element " + std::to_string(bad) + " is " +
+  check(bad < 0, context + ": element " + std::to_string(bad) + " is " +
                      (bad < 0 ? "" : format(output[bad])) + ", expected " +
                      (bad < 0 ? "" : format(expected[bad])) + " within " +
                      (bad < 0 ? "" : format(factor * magnitude[bad])));
@@ -156,7 +156,7 @@ void check_close(const std::vector<float>& output,
 
 void check_identical(const std::vector<float>& output,
                      const std::vector<float>& expected,
-                     const std::string& what) {
+                     const std::string& context) {
   int64_t bad = -1;
   for (size_t i = 0; i < output.size(); ++i) {
     if (!(output[i] == expected[i])) {
@@ -164,7 +164,7 @@ void check_identical(const std::vector<float>& output,
       break;
     }
   }
-  check(bad < 0, what + ": element " + std::to_string(bad) + " is " +
+  check(bad < 0, context + ": element " + std::to_string(bad) + " is " +
                      (bad < 0 ? "" : format(output[bad])) +
                      ", the scalar reference has " +
                      (bad < 0 ? "" : format(expected[bad])));
@@ -211,11 +211,11 @@ void test_quant_kernels(std::mt19937* rng) {
                                ": create failed: " + status.message());
         if (!status.ok()) continue;
         for (int threads : kThreads) {
-          const std::string what =
+          const std::string context =
               label(shape, "quant vs scalar", bits, isa, threads);
           check_identical(run_conv(*conv, input, shape.height, shape.width,
-                                   threads, what),
-                          reference, what);
+                                   threads, context),
+                          reference, context);
         }
       }
     }
@@ -260,10 +260,10 @@ void test_dense_kernels(std::mt19937* rng) {
                              ": create failed: " + status.message());
       if (!status.ok()) continue;
       for (int threads : kThreads) {
-        const std::string what = label(shape, "dense", 32, isa, threads);
+        const std::string context = label(shape, "dense", 32, isa, threads);
         check_close(run_conv(*conv, input, shape.height, shape.width, threads,
-                             what),
-                    expected, magnitude, taps, what);
+                             context),
+                    expected, magnitude, taps, context);
       }
     }
   }
@@ -288,18 +288,18 @@ void test_shape_change(std::mt19937* rng) {
         testing::random_floats(g.in_channels * size[0] * size[1], -1, 1, rng);
     std::unique_ptr<QuantConv2d> fresh;
     QuantConv2d::create(layer.desc(), Isa::kAuto, &fresh);
-    const std::string what = "shape change " + std::to_string(size[0]) + "x" +
+    const std::string context = "shape change " + std::to_string(size[0]) + "x" +
                              std::to_string(size[1]);
-    check_identical(run_conv(*shared, input, size[0], size[1], 2, what),
-                    run_conv(*fresh, input, size[0], size[1], 1, what), what);
+    check_identical(run_conv(*shared, input, size[0], size[1], 2, context),
+                    run_conv(*fresh, input, size[0], size[1], 1, context), context);
   }
 }
 
-void expect_invalid(const Status& status, const std::string& what) {
+void expect_invalid(const Status& status, const std::string& context) {
   check(status.code() == StatusCode::kInvalidArgument,
-        what + ": expected kInvalidArgument, got code " +
+        context + ": expected kInvalidArgument, got code " +
             std::to_string(static_cast<int>(status.code())));
-  check(!status.message().empty(), what + ": error message is empty");
+  check(!status.message().empty(), context + ": error message is empty");
 }
 
 void test_malformed_quant(std::mt19937* rng) {
@@ -509,6 +509,7 @@ void test_c_api() {
                                2, 0, 0, &conv) == DGMS_OK,
         std::string("c api create failed: ") + dgms_last_error());
   if (conv == nullptr) return;
+
   dgms_thread_pool* pool = nullptr;
   check(dgms_thread_pool_create(3, &pool) == DGMS_OK, "c api pool create");
   const float input[2] = {3.0f, -4.0f};
@@ -518,17 +519,20 @@ void test_c_api() {
   check(output[0] == 6.0f && output[1] == -3.0f,
         "c api output is " + std::to_string(output[0]) + ", " +
             std::to_string(output[1]) + ", expected 6, -3");
+
   check(dgms_conv_run(conv, input, 2, 1, 1, output, 3, pool) ==
                 DGMS_INVALID_ARGUMENT &&
             std::strstr(dgms_last_error(), "output") != nullptr,
         "c api run with a wrong output size");
   check(dgms_thread_pool_create(0, &pool) == DGMS_INVALID_ARGUMENT,
         "c api pool with zero threads");
+
   dgms_conv* bad = nullptr;
   check(dgms_quant_conv_create(&g, 1, codebook, 2, indices, 1, scale, 2, bias,
                                2, 0, 9, &bad) == DGMS_INVALID_ARGUMENT &&
             bad == nullptr,
         "c api create with isa 9");
+
   dgms_thread_pool_destroy(pool);
   dgms_conv_destroy(conv);
 }

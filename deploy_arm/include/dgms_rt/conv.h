@@ -137,8 +137,10 @@ class Conv2d {
   // Runs the layer on input [in_channels][height][width] and writes
   // output [out_channels][out_height][out_width]; input_size and
   // output_size are element counts and must match exactly. pool may be
-  // null (single thread). The first run for a new (height, width) builds
-  // that shape's offset tables; later runs with the same shape reuse them.
+  // null (single thread). A run with a (height, width) other than the
+  // previous run's builds that shape's offset tables, so alternating
+  // shapes rebuild them every time; runs with the same shape reuse them.
+  // Each calling thread keeps a prepared-input buffer between runs.
   Status run(const float* input, int64_t input_size, int64_t height,
              int64_t width, float* output, int64_t output_size,
              ThreadPool* pool) const;

@@ -13,9 +13,9 @@ namespace dgms_rt {
 
 class ThreadPool {
  public:
-  // Starts num_threads - 1 worker threads; the thread that calls
+  // Starts num_threads - 1 worker threads, and the thread that calls
   // parallel_for is the remaining one. num_threads is clamped to
-  // [1, kMaxThreads]; 1 runs every loop on the calling thread.
+  // [1, kMaxThreads], and 1 runs every loop on the calling thread.
   explicit ThreadPool(int num_threads);
   ~ThreadPool();
 
@@ -28,7 +28,8 @@ class ThreadPool {
 
   // Calls fn(i) for every i in [0, count), spread over the pool's threads
   // with dynamic scheduling, and returns when all calls have returned.
-  // fn must not throw. Concurrent calls on one pool are serialised.
+  // fn must not throw and must not call parallel_for on the same pool
+  // (that deadlocks). Concurrent calls from other threads are serialised.
   void parallel_for(int64_t count, const std::function<void(int64_t)>& fn);
 
  private:
