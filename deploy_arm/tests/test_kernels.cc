@@ -1,7 +1,8 @@
 // Tests of the conv kernels: the scalar reference against a naive double
 // conv of the decoded weights, every SIMD path against the scalar
-// reference, malformed descriptions and inputs, the thread pool and the
-// index unpacking. Prints one line per failure and exits non-zero if any.
+// reference, on listed and on random shapes. Also malformed descriptions
+// and inputs, extreme field values, the thread pool and the index
+// unpacking. Prints one line per failure and exits non-zero if any.
 //
 // Tolerances:
 // - scalar quantized and every dense path against the naive double conv:
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <vector>
@@ -563,6 +565,187 @@ void test_unpack_indices(std::mt19937* rng) {
         "unpack_indices reads LSB-first");
 }
 
+// Draws a small random geometry and input size whose output is not empty.
+Shape random_shape(std::mt19937* rng) {
+  auto uniform = [&](int64_t low, int64_t high) {
+    return std::uniform_int_distribution<int64_t>(low, high)(*rng);
+  };
+  Shape shape{};
+  shape.name = "random";
+  const int64_t kind = uniform(0, 3);
+  if (kind == 0) {  // depthwise, channel multiplier 1 or 2
+    shape.in_channels = shape.groups = uniform(1, 9);
+    shape.out_channels = shape.in_channels * uniform(1, 2);
+  } else {
+    shape.groups = kind == 1 ? uniform(2, 3) : 1;
+    shape.in_channels = shape.groups * uniform(1, 7);
+    shape.out_channels = shape.groups * uniform(1, 9);
+  }
+  shape.kernel_h = uniform(1, 5);
+  shape.kernel_w = uniform(1, 5);
+  shape.stride_h = uniform(1, 3);
+  shape.stride_w = uniform(1, 3);
+  shape.pad_h = uniform(0, 3);
+  shape.pad_w = uniform(0, 3);
+  shape.dilation_h = uniform(1, 3);
+  shape.dilation_w = uniform(1, 3);
+  const int64_t min_h = std::max<int64_t>(
+      1, shape.dilation_h * (shape.kernel_h - 1) + 1 - 2 * shape.pad_h);
+  const int64_t min_w = std::max<int64_t>(
+      1, shape.dilation_w * (shape.kernel_w - 1) + 1 - 2 * shape.pad_w);
+  shape.height = min_h + uniform(0, 12);
+  shape.width = min_w + uniform(0, 20);
+  return shape;
+}
+
+std::string describe(const Shape& s) {
+  char text[160];
+  std::snprintf(text, sizeof(text),
+                "C%lld O%lld G%lld k%lldx%lld s%lldx%lld p%lldx%lld "
+                "d%lldx%lld in %lldx%lld",
+                (long long)s.in_channels, (long long)s.out_channels,
+                (long long)s.groups, (long long)s.kernel_h,
+                (long long)s.kernel_w, (long long)s.stride_h,
+                (long long)s.stride_w, (long long)s.pad_h, (long long)s.pad_w,
+                (long long)s.dilation_h, (long long)s.dilation_w,
+                (long long)s.height, (long long)s.width);
+  return text;
+}
+
+// Random small geometries, bits, sparsities and thread counts: the scalar
+// kernel against the naive conv, and every SIMD path bit-identical to it.
+void test_random_layers(std::mt19937* rng, int cases) {
+  std::vector<Isa> isas = simd_isas();
+  for (int i = 0; i < cases; ++i) {
+    const Shape shape = random_shape(rng);
+    const ConvGeometry g = shape.geometry();
+    const int bits = std::uniform_int_distribution<int>(1, 8)(*rng);
+    const double sparsity = std::uniform_real_distribution<double>(0, 1)(*rng);
+    const int threads = std::uniform_int_distribution<int>(1, 4)(*rng);
+    const Activation activation = static_cast<Activation>(i % 3);
+    const std::string context = "random layer " + describe(shape) +
+                                " bits=" + std::to_string(bits) +
+                                " threads=" + std::to_string(threads);
+
+    const QuantLayer layer =
+        testing::random_quant_layer(g, bits, sparsity, activation, rng);
+    const std::vector<float> input = testing::random_floats(
+        g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
+    std::vector<double> expected;
+    std::vector<double> magnitude;
+    testing::naive_conv(g, shape.height, shape.width, input,
+                        layer.decoded_weights(), layer.scale, layer.bias,
+                        activation, &expected, &magnitude);
+
+    std::unique_ptr<QuantConv2d> scalar;
+    Status status = QuantConv2d::create(layer.desc(), Isa::kScalar, &scalar);
+    check(status.ok(), context + ": create failed: " + status.message());
+    if (!status.ok()) continue;
+    const std::vector<float> reference =
+        run_conv(*scalar, input, shape.height, shape.width, threads, context);
+    const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
+    check_close(reference, expected, magnitude, taps, context + " vs naive");
+
+    for (Isa isa : isas) {
+      std::unique_ptr<QuantConv2d> conv;
+      status = QuantConv2d::create(layer.desc(), isa, &conv);
+      check(status.ok(), context + ": create failed: " + status.message());
+      if (!status.ok()) continue;
+      check_identical(
+          run_conv(*conv, input, shape.height, shape.width, threads, context),
+          reference, context + " isa=" + isa_name(isa));
+    }
+  }
+}
+
+// Layer descriptions and run arguments with one field set to an extreme
+// value: every call returns a status, and an accepted layer runs. The
+// sanitizer build turns any out-of-bounds access or overflow into a
+// failure.
+void test_extreme_values(std::mt19937* rng, int cases) {
+  const int64_t extremes[] = {0,
+                              -1,
+                              -7,
+                              1,
+                              2,
+                              3,
+                              1000,
+                              int64_t(1) << 31,
+                              int64_t(1) << 40,
+                              std::numeric_limits<int64_t>::max(),
+                              std::numeric_limits<int64_t>::min()};
+  const int64_t run_sides[] = {0, -1, 1, 3, 7, int64_t(1) << 40,
+                               std::numeric_limits<int64_t>::max(),
+                               std::numeric_limits<int64_t>::min()};
+  std::vector<float> input(12 * 7 * 7, 0.5f);
+  std::vector<float> output(1 << 16, 0.0f);
+  auto pick = [&](auto& values) {
+    const size_t n = sizeof(values) / sizeof(values[0]);
+    return values[std::uniform_int_distribution<size_t>(0, n - 1)(*rng)];
+  };
+
+  int accepted = 0;
+  for (int i = 0; i < cases; ++i) {
+    Shape shape{};
+    shape.name = "extreme";
+    shape.in_channels = 6;
+    shape.out_channels = 4;
+    shape.groups = 2;
+    shape.kernel_h = shape.kernel_w = 3;
+    shape.stride_h = shape.stride_w = 1;
+    shape.pad_h = shape.pad_w = 1;
+    shape.dilation_h = shape.dilation_w = 1;
+    const QuantLayer layer = testing::random_quant_layer(
+        shape.geometry(), 3, 0.3, Activation::kNone, rng);
+    QuantConvDesc desc = layer.desc();
+    int64_t* fields[] = {&desc.geometry.out_channels, &desc.geometry.in_channels,
+                         &desc.geometry.groups,       &desc.geometry.kernel_h,
+                         &desc.geometry.kernel_w,     &desc.geometry.stride_h,
+                         &desc.geometry.stride_w,     &desc.geometry.pad_h,
+                         &desc.geometry.pad_w,        &desc.geometry.dilation_h,
+                         &desc.geometry.dilation_w,   &desc.codebook_size,
+                         &desc.indices_size,          &desc.scale_size,
+                         &desc.bias_size};
+    const size_t field = std::uniform_int_distribution<size_t>(0, 15)(*rng);
+    if (field < 15) {
+      *fields[field] = pick(extremes);
+    } else {
+      desc.bits = static_cast<int>(pick(extremes));
+    }
+
+    std::unique_ptr<QuantConv2d> conv;
+    const Status status = QuantConv2d::create(desc, Isa::kAuto, &conv);
+    check(status.ok() || !status.message().empty(),
+          "extreme values: an error without a message");
+    if (!status.ok()) continue;
+    ++accepted;
+
+    const int64_t height = pick(run_sides);
+    const int64_t width = pick(run_sides);
+    int64_t out_h = 0;
+    int64_t out_w = 0;
+    const bool small = height >= 1 && height <= 7 && width >= 1 && width <= 7;
+    const bool sized =
+        small && conv_output_size(conv->geometry(), height, width, &out_h,
+                                  &out_w).ok();
+    const int64_t in_size =
+        sized ? conv->geometry().in_channels * height * width : 1;
+    const int64_t out_size =
+        sized ? conv->geometry().out_channels * out_h * out_w : 1;
+    if (in_size > static_cast<int64_t>(input.size()) ||
+        out_size > static_cast<int64_t>(output.size())) {
+      continue;
+    }
+    const Status run_status = conv->run(input.data(), in_size, height, width,
+                                        output.data(), out_size, nullptr);
+    check(run_status.ok() == sized,
+          "extreme values: run with " + std::to_string(height) + "x" +
+              std::to_string(width) + " returned '" + run_status.message() +
+              "'");
+  }
+  check(accepted > 0, "extreme values: no mutated layer was accepted");
+}
+
 void test_thread_pool() {
   for (int threads : {1, 3}) {
     ThreadPool pool(threads);
@@ -599,6 +782,8 @@ int main() {
   test_malformed_run(&rng);
   test_malformed_dense();
   test_c_api();
+  test_random_layers(&rng, 300);
+  test_extreme_values(&rng, 400);
 
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
