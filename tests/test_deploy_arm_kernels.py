@@ -3,12 +3,14 @@
 The runtime (``deploy_arm/``) is built with CMake into
 ``deploy_arm/build/release`` (an up-to-date build is reused). Each case
 packs random codebook indices into the canonical LSB-first bit stream here,
-independently of the C++ packing code, runs the quantized conv and compares
-it with ``torch.nn.functional.conv2d`` on the decoded weights, then the
-per-channel scale, bias and activation. Tolerance: 1e-4 absolute plus 1e-4
+independently of the C++ packing code, runs the quantized conv with both
+kernels (accumulate and lookup) and compares it with
+``torch.nn.functional.conv2d`` on the decoded weights, then the per-channel
+scale, bias and activation. Tolerance: 1e-4 absolute plus 1e-4
 relative (float32 sums in different orders).
 """
 import ctypes
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +26,7 @@ BUILD_DIR = RUNTIME_DIR / 'build' / 'release'
 
 ISA_AUTO, ISA_SCALAR = 0, 1
 ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+KERNEL_ACCUMULATE, KERNEL_LOOKUP = 1, 2
 
 
 class ConvGeometry(ctypes.Structure):
@@ -61,9 +64,11 @@ def runtime():
     lib.dgms_quant_conv_create.argtypes = [
         ctypes.POINTER(ConvGeometry), ctypes.c_int, f32p, i64,
         ctypes.POINTER(ctypes.c_uint8), i64, f32p, i64, f32p, i64,
-        ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.POINTER(ctypes.c_void_p)]
     lib.dgms_conv_destroy.argtypes = [ctypes.c_void_p]
     lib.dgms_conv_isa.argtypes = [ctypes.c_void_p]
+    lib.dgms_conv_quant_kernel.argtypes = [ctypes.c_void_p]
     lib.dgms_conv_output_size.argtypes = [
         ctypes.c_void_p, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
     lib.dgms_conv_run.argtypes = [
@@ -82,14 +87,14 @@ def as_ptr(array: np.ndarray, ctype):
 
 
 def create_quant_conv(lib, geometry, bits, codebook, packed, scale, bias,
-                      activation, isa=ISA_AUTO):
+                      activation, isa=ISA_AUTO, kernel=KERNEL_ACCUMULATE):
     """Create a layer; return (status, handle)."""
     handle = ctypes.c_void_p()
     status = lib.dgms_quant_conv_create(
         ctypes.byref(geometry), bits, as_ptr(codebook, ctypes.c_float),
         codebook.size, as_ptr(packed, ctypes.c_uint8), packed.size,
         as_ptr(scale, ctypes.c_float), scale.size,
-        as_ptr(bias, ctypes.c_float), bias.size, activation, isa,
+        as_ptr(bias, ctypes.c_float), bias.size, activation, isa, kernel,
         ctypes.byref(handle))
     return status, handle
 
@@ -144,12 +149,14 @@ def test_quant_conv_matches_torch(runtime, case, bits):
     pool = ctypes.c_void_p()
     assert runtime.dgms_thread_pool_create(2, ctypes.byref(pool)) == 0
     try:
-        for isa in (ISA_AUTO, ISA_SCALAR):
+        for isa, kernel in itertools.product(
+                (ISA_AUTO, ISA_SCALAR), (KERNEL_ACCUMULATE, KERNEL_LOOKUP)):
             status, conv = create_quant_conv(
                 runtime, geometry, bits, codebook_np, packed, scale_np,
-                bias_np, activation, isa)
+                bias_np, activation, isa, kernel)
             assert status == 0, runtime.dgms_last_error().decode()
             try:
+                assert runtime.dgms_conv_quant_kernel(conv) == kernel
                 out_h, out_w = ctypes.c_int64(), ctypes.c_int64()
                 assert runtime.dgms_conv_output_size(
                     conv, height, width, ctypes.byref(out_h),
@@ -166,7 +173,7 @@ def test_quant_conv_matches_torch(runtime, case, bits):
                     runtime.dgms_conv_isa(conv)).decode()
                 torch.testing.assert_close(
                     torch.from_numpy(out), expected[0], atol=1e-4, rtol=1e-4,
-                    msg=lambda m: f'isa {isa_name}: {m}')
+                    msg=lambda m: f'isa {isa_name}, kernel {kernel}: {m}')
             finally:
                 runtime.dgms_conv_destroy(conv)
     finally:

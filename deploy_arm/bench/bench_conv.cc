@@ -1,6 +1,6 @@
-// Per-layer benchmark of the quantized (codebook) conv kernels against the
-// dense FP32 conv of the same runtime, over the conv shapes of ResNet-50 and
-// of a MobileNetV2 backbone.
+// Per-layer benchmark of a quantized (codebook) conv kernel, chosen with
+// --kernel, against the dense FP32 conv of the same runtime, over the conv
+// shapes of ResNet-50 and of a MobileNetV2 backbone.
 //
 // Each layer is timed as the best of --repeat runs after one warm-up run,
 // for every thread count. The quantized layers use random indices, and
@@ -127,6 +127,7 @@ struct Options {
   int repeat = 3;
   Isa isa = Isa::kAuto;
   std::string filter;
+  QuantKernel kernel = QuantKernel::kAccumulate;
   bool thread_clock = false;
   bool smoke = false;
 };
@@ -138,9 +139,11 @@ struct Options {
                "[--size PIXELS] [--threads 1,2] [--bits 2,4]\n"
                "       [--sparsity 0.1,0.4] [--repeat N] "
                "[--isa auto|scalar|avx2|neon] [--filter TEXT]\n"
-               "       [--clock wall|thread] [--smoke]\n"
+               "       [--kernel accumulate|lookup|auto] [--clock wall|thread] "
+               "[--smoke]\n"
                "  --sparsity  fractions of weights with index 0 (pruned)\n"
                "  --filter    only layers whose name contains TEXT\n"
+               "  --kernel    quantized kernel (default accumulate)\n"
                "  --clock     wall time (default) or the CPU time of the "
                "calling thread,\n"
                "              which other processes do not inflate "
@@ -199,6 +202,12 @@ Options parse(int argc, char** argv) {
       else if (name == "avx2") options.isa = Isa::kAvx2;
       else if (name == "neon") options.isa = Isa::kNeon;
       else usage(("unknown isa " + name).c_str());
+    } else if (arg == "--kernel") {
+      const std::string name = value();
+      if (name == "accumulate") options.kernel = QuantKernel::kAccumulate;
+      else if (name == "lookup") options.kernel = QuantKernel::kLookup;
+      else if (name == "auto") options.kernel = QuantKernel::kAuto;
+      else usage(("unknown kernel " + name).c_str());
     } else if (arg == "--clock") {
       const std::string name = value();
       if (name != "wall" && name != "thread") usage("--clock is wall or thread");
@@ -220,7 +229,10 @@ Options parse(int argc, char** argv) {
   }
   if (options.repeat < 1) usage("--repeat must be at least 1");
   for (int t : options.threads) {
-    if (t < 1 || t > ThreadPool::kMaxThreads) usage("invalid thread count");
+    if (t < 1 || t > ThreadPool::kMaxThreads) {
+      usage(("--threads value " + std::to_string(t) + " is not in [1, " +
+             std::to_string(ThreadPool::kMaxThreads) + "]").c_str());
+    }
   }
   for (int b : options.bits) {
     if (b < 1 || b > 8) usage("--bits values must be in [1, 8]");
@@ -322,10 +334,12 @@ void bench_net(const char* title, std::vector<Layer> layers,
   if (options.smoke) {
     layers = {{"smoke 3x3 16-24", 16, 24, 1, 3, 1, 32, 1}};
   }
-  std::printf("\n## %s, input %lldx%lld, isa %s, best of %d runs, %s\n",
+  std::printf("\n## %s, input %lldx%lld, isa %s, quantized kernel %s, "
+              "best of %d runs, %s\n",
               title, static_cast<long long>(options.size),
               static_cast<long long>(options.size),
-              isa_name(resolve_isa(options.isa)), options.repeat,
+              isa_name(resolve_isa(options.isa)),
+              quant_kernel_name(options.kernel), options.repeat,
               options.thread_clock ? "thread CPU time" : "wall time");
 
   struct Variant {
@@ -383,7 +397,8 @@ void bench_net(const char* title, std::vector<Layer> layers,
         const testing::QuantLayer quant_layer = testing::random_quant_layer(
             g, variants[v].bits, variants[v].sparsity, Activation::kNone, rng);
         std::unique_ptr<QuantConv2d> quant;
-        status = QuantConv2d::create(quant_layer.desc(), options.isa, &quant);
+        status = QuantConv2d::create(quant_layer.desc(), options.isa, &quant,
+                                     options.kernel);
         if (!status.ok()) die(status, layer.name);
         check_against_dense(quant_layer, *quant, layer.height, input, &pool);
         const double ms = time_ms(*quant, input, layer.height, &output, &pool,

@@ -97,7 +97,7 @@ dgms_status dgms_quant_conv_create(
     const dgms_conv_geometry* geometry, int bits, const float* codebook,
     int64_t codebook_size, const uint8_t* indices, int64_t indices_size,
     const float* scale, int64_t scale_size, const float* bias,
-    int64_t bias_size, int activation, int isa, dgms_conv** out) {
+    int64_t bias_size, int activation, int isa, int kernel, dgms_conv** out) {
   if (geometry == nullptr || out == nullptr) {
     return fail(DGMS_INVALID_ARGUMENT, "geometry or out is null");
   }
@@ -121,7 +121,8 @@ dgms_status dgms_quant_conv_create(
 
   std::unique_ptr<dgms_rt::QuantConv2d> conv;
   dgms_rt::Status status = dgms_rt::QuantConv2d::create(
-      desc, static_cast<dgms_rt::Isa>(isa), &conv);
+      desc, static_cast<dgms_rt::Isa>(isa), &conv,
+      static_cast<dgms_rt::QuantKernel>(kernel));
   if (!status.ok()) return report(status);
   try {
     *out = new dgms_conv{std::move(conv)};
@@ -167,6 +168,12 @@ void dgms_conv_destroy(dgms_conv* conv) { delete conv; }
 
 int dgms_conv_isa(const dgms_conv* conv) {
   return conv != nullptr ? static_cast<int>(conv->conv->isa()) : 0;
+}
+
+int dgms_conv_quant_kernel(const dgms_conv* conv) {
+  if (conv == nullptr) return 0;
+  const auto* quant = dynamic_cast<const dgms_rt::QuantConv2d*>(conv->conv.get());
+  return quant != nullptr ? static_cast<int>(quant->kernel()) : 0;
 }
 
 dgms_status dgms_conv_output_size(const dgms_conv* conv, int64_t height,

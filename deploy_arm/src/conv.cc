@@ -154,6 +154,29 @@ int64_t chunk_size(int64_t count, int64_t target_units, int64_t min_chunks) {
   return size;
 }
 
+int64_t output_block(const ConvGeometry& g,
+                     const detail::KernelTable& kernels) {
+  return g.out_channels / g.groups < kernels.dense_out_block
+             ? 1
+             : kernels.dense_out_block;
+}
+
+void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
+                 int64_t num_tiles,
+                 const std::function<void(int64_t, int64_t, int64_t)>& kernel) {
+  const int threads = pool != nullptr ? pool->num_threads() : 1;
+  const int64_t blocks_per_chunk =
+      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_weights),
+                 (4 * threads + num_tiles - 1) / num_tiles);
+  const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+
+  run_parallel(pool, chunks * num_tiles, [&](int64_t item) {
+    const int64_t begin = (item / num_tiles) * blocks_per_chunk;
+    const int64_t end = std::min(blocks, begin + blocks_per_chunk);
+    kernel(item % num_tiles, begin, end);
+  });
+}
+
 void run_parallel(ThreadPool* pool, int64_t count,
                   const std::function<void(int64_t)>& fn) {
   if (pool != nullptr) {

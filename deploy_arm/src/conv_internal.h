@@ -34,8 +34,9 @@ struct ConvWeights {
   // nonempty codebook groups and their taps (OIHW position within the
   // channel's C/G x KH x KW weights), in (o, block) order.
   // NOTE: a nonzero weight costs 4 bytes here and 4 more in each shape
-  // plan's offsets, so a low-bit layer takes more memory at run time than
-  // its FP32 weights; 16-bit tap ids would halve the first part.
+  // plan's offsets, so with this kernel a low-bit layer takes more memory
+  // at run time than its FP32 weights. The lookup kernel keeps 1 byte per
+  // weight.
   std::vector<int32_t> tap_ids;
   std::vector<int64_t> tap_begin;    // [out_channels * channel_blocks + 1]
   std::vector<detail::QuantGroup> groups;
@@ -43,7 +44,14 @@ struct ConvWeights {
   std::vector<float> scale;
   int64_t channel_blocks = 1;
 
+  // Quantized layers with the lookup kernel: the codebook and the indices
+  // in the dense layout [groups][blocks_per_group][taps][out_block], with
+  // index 0 for the unused channels of a group's last block.
+  std::vector<float> codebook;
+  std::vector<uint8_t> block_indices;
+
   // Dense layers: [groups][blocks_per_group][taps][out_block] weights.
+  // out_block and blocks_per_group also describe block_indices.
   std::vector<float> packed;
   int64_t out_block = 0;  // output channels per block: 1 or dense_out_block
   int64_t blocks_per_group = 0;
@@ -69,6 +77,18 @@ Status check_float_array(const char* name, const float* data, int64_t size,
 // chunk has about `target_units`, but at least `min_chunks` chunks exist
 // where possible. Returns the chunk size.
 int64_t chunk_size(int64_t count, int64_t target_units, int64_t min_chunks);
+
+// Returns the output channels per block of the dense-style kernels (dense
+// and quantized lookup): the kernel's block, or 1 for layers with fewer
+// output channels per group (depthwise), which would waste the rest.
+int64_t output_block(const ConvGeometry& g, const detail::KernelTable& kernels);
+
+// Runs kernel(tile, block_begin, block_end) over every tile and all
+// `blocks` output-channel blocks, in work items of about 256 KiB of
+// weights (`block_weights` per block) and at least 4 items per thread.
+void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
+                 int64_t num_tiles,
+                 const std::function<void(int64_t, int64_t, int64_t)>& kernel);
 
 // Runs fn(i) for i in [0, count) on pool, or inline when pool is null.
 void run_parallel(ThreadPool* pool, int64_t count,

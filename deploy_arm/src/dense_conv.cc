@@ -6,23 +6,13 @@
 #include "conv_internal.h"
 
 namespace dgms_rt {
-namespace {
-
-// Layers with fewer output channels per group than the kernel's block
-// (depthwise) use one-channel blocks, which waste no multiply-adds.
-bool single_channel_blocks(const ConvGeometry& g,
-                           const detail::KernelTable& kernels) {
-  return g.out_channels / g.groups < kernels.dense_out_block;
-}
-
-}  // namespace
 
 DenseConv2d::DenseConv2d(const ConvGeometry& geometry, Activation activation,
                          Isa isa)
     : Conv2d(geometry, activation, isa) {
   const detail::KernelTable& kernels = detail::kernels_for(isa);
   lanes_ = kernels.lanes;
-  tile_segments_ = single_channel_blocks(geometry, kernels)
+  tile_segments_ = output_block(geometry, kernels) == 1
                        ? kernels.dense_single_tile_segments
                        : kernels.dense_tile_segments;
 }
@@ -63,8 +53,7 @@ Status DenseConv2d::create(const DenseConvDesc& desc, Isa isa,
     std::unique_ptr<DenseConv2d> conv(
         new DenseConv2d(g, desc.activation, resolve_isa(isa)));
     const detail::KernelTable& kernels = detail::kernels_for(conv->isa_);
-    const int64_t block =
-        single_channel_blocks(g, kernels) ? 1 : kernels.dense_out_block;
+    const int64_t block = output_block(g, kernels);
     const int64_t out_per_group = g.out_channels / g.groups;
     auto weights = std::make_unique<ConvWeights>();
     weights->out_block = block;
@@ -124,24 +113,11 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
 
-  // Work item = (chunk of output-channel blocks, tile), sized like the
-  // quantized layer's: about 256 KiB of weights per chunk.
-  const int threads = pool != nullptr ? pool->num_threads() : 1;
-  const int64_t blocks = g.groups * w.blocks_per_group;
-  const int64_t block_floats = args.taps * w.out_block;
   const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;
-  const int64_t blocks_per_chunk =
-      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_floats),
-                 (4 * threads + plan.num_tiles - 1) / plan.num_tiles);
-  const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
-  const int64_t tiles = plan.num_tiles;
-
-  run_parallel(pool, chunks * tiles, [&](int64_t item) {
-    const int64_t chunk = item / tiles;
-    const int64_t begin = chunk * blocks_per_chunk;
-    const int64_t end = std::min(blocks, begin + blocks_per_chunk);
-    kernel(args, item % tiles, begin, end);
-  });
+  run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
+              plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
+                kernel(args, tile, begin, end);
+              });
 }
 
 }  // namespace dgms_rt

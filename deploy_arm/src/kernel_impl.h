@@ -5,7 +5,8 @@
 // every translation unit gets its own copy compiled for its instruction
 // set. Ops provides:
 //   Vec, kLanes, zero(), set1(float), load(const float*),
-//   add(a, b), mul(a, b), fmadd(a, b, c) = a * b + c,
+//   add(a, b), mul(a, b), fmadd(a, b, c) = a * b + c (fused or not),
+//   fused(a, b, c) = a * b + c rounded once (a fused multiply-add),
 //   max(a, b), min(a, b), store(float*, Vec, int lanes).
 //
 // The quantized kernel performs the same float operations in the same
@@ -19,8 +20,11 @@
 // with each multiply and add rounded separately (no fused multiply-add).
 // The build compiles with -ffp-contract=off so the compiler keeps it so.
 //
-// The dense kernel uses fused multiply-add where the ISA has it, so its
-// results differ from the scalar kernel by rounding only.
+// The quantized table-lookup kernel accumulates with fused(), which every
+// ISA rounds once (the scalar one through std::fma), and applies scale
+// and bias with separate multiply and add, so it is bit-identical across
+// ISAs too. The dense kernel uses fmadd(), fused on the SIMD paths and not
+// in the scalar one, so its results differ by rounding only.
 
 template <class Ops>
 inline typename Ops::Vec activate(typename Ops::Vec y, Activation act) {
@@ -159,6 +163,57 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
       float* out_plane = args.output + o * args.out_plane;
       for (int s = 0; s < kTile; ++s) {
         const Vec y = Ops::add(acc[j][s], bias);
+        Ops::store(out_plane + segments[s].output_offset,
+                   activate<Ops>(y, args.activation), segments[s].lanes);
+      }
+    }
+  }
+}
+
+// Computes kTile segments of one tile for kOutBlock output channels per
+// block, decoding each weight as codebook[index] inside the loop: the
+// dense kernel's blocking with 1-byte weights.
+template <class Ops, int kTile, int kOutBlock>
+void lookup_tile(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end) {
+  using Vec = typename Ops::Vec;
+  const Segment* segments = args.segments + tile * kTile;
+
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t group = block / args.blocks_per_group;
+    const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
+    const float* group_input = args.input + group * args.group_input_stride;
+    const float* base[kTile];
+    for (int s = 0; s < kTile; ++s) {
+      base[s] = group_input + segments[s].input_offset;
+    }
+
+    Vec acc[kOutBlock][kTile];
+    for (int j = 0; j < kOutBlock; ++j) {
+      for (int s = 0; s < kTile; ++s) acc[j][s] = Ops::zero();
+    }
+
+    const uint8_t* indices = args.indices + block * args.taps * kOutBlock;
+    for (int64_t t = 0; t < args.taps; ++t) {
+      const int32_t d = args.offsets[t];
+      Vec x[kTile];
+      for (int s = 0; s < kTile; ++s) x[s] = Ops::load(base[s] + d);
+      for (int j = 0; j < kOutBlock; ++j) {
+        const Vec w = Ops::set1(args.codebook[indices[t * kOutBlock + j]]);
+        for (int s = 0; s < kTile; ++s) {
+          acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
+        }
+      }
+    }
+
+    for (int j = 0; j < kOutBlock; ++j) {
+      if (first_local + j >= args.out_per_group) break;
+      const int64_t o = group * args.out_per_group + first_local + j;
+      const Vec scale = Ops::set1(args.scale[o]);
+      const Vec bias = Ops::set1(args.bias[o]);
+      float* out_plane = args.output + o * args.out_plane;
+      for (int s = 0; s < kTile; ++s) {
+        const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
         Ops::store(out_plane + segments[s].output_offset,
                    activate<Ops>(y, args.activation), segments[s].lanes);
       }

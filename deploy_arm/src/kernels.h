@@ -57,6 +57,23 @@ struct DenseKernelArgs {
   Activation activation;
 };
 
+struct LookupKernelArgs {
+  const float* input;
+  float* output;
+  int64_t out_plane;
+  const Segment* segments;
+  const int32_t* offsets;        // [taps] offsets, shared by all channels
+  int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
+  const uint8_t* indices;        // [groups][blocks][taps][out_block]
+  const float* codebook;         // [2^bits], entry 0 is 0.0
+  const float* scale;            // [out_channels]
+  const float* bias;             // [out_channels]
+  int64_t group_input_stride;
+  int64_t out_per_group;
+  int64_t blocks_per_group;      // ceil(out_per_group / out_block)
+  Activation activation;
+};
+
 // Kernels of one instruction set and the blocking they expect.
 struct KernelTable {
   Isa isa;
@@ -78,6 +95,12 @@ struct KernelTable {
   // than dense_out_block output channels per group (depthwise).
   void (*dense_single)(const DenseKernelArgs& args, int64_t tile,
                        int64_t block_begin, int64_t block_end);
+  // The quantized table-lookup kernel, blocked like dense and
+  // dense_single (same tile sizes and output-channel blocks).
+  void (*lookup)(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end);
+  void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
+                        int64_t block_begin, int64_t block_end);
 };
 
 const KernelTable& scalar_kernels();

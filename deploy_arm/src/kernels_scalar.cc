@@ -1,4 +1,6 @@
 // Portable scalar kernels: the reference that every SIMD path must match.
+#include <cmath>
+
 #include "kernels.h"
 
 namespace dgms_rt {
@@ -14,6 +16,7 @@ struct Ops {
   static Vec add(Vec a, Vec b) { return a + b; }
   static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
+  static Vec fused(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
   // Same results as the SIMD max/min for finite values, -0.0 included.
   static Vec max(Vec a, Vec b) { return a > b ? a : b; }
   static Vec min(Vec a, Vec b) { return a < b ? a : b; }
@@ -42,6 +45,8 @@ const KernelTable& scalar_kernels() {
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
       &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }

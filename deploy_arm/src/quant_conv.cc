@@ -1,5 +1,6 @@
 // QuantConv2d: validation of the canonical quantized layer, unpacking of
-// the bit-packed indices and repacking into per-codebook-index tap lists.
+// the bit-packed indices, and repacking into per-codebook-index tap lists
+// (accumulate kernel) or output-channel blocks of indices (lookup kernel).
 #include <algorithm>
 #include <new>
 #include <string>
@@ -100,94 +101,168 @@ Status unpack_indices(const QuantConvDesc& desc, std::vector<uint8_t>* out) {
   return Status::Ok();
 }
 
+namespace {
+
+// Sorts each (output channel, input-channel block)'s nonzero taps into
+// groups by codebook index, for the accumulate kernel.
+void repack_accumulate(const QuantConvDesc& desc,
+                       const std::vector<uint8_t>& indices,
+                       ConvWeights* weights) {
+  const ConvGeometry& g = desc.geometry;
+  weights->tap_begin.assign(1, 0);
+  weights->group_begin.assign(1, 0);
+
+  // Input channels per block: for kernels larger than 1x1, about 576
+  // taps (64 channels of a 3x3 kernel), split evenly, so the tile's
+  // input rows stay in L1 cache. 1x1 kernels use one block, because
+  // their inputs per tile are small and splitting them leaves few taps
+  // per codebook group. Both choices were the faster ones on the
+  // ResNet-50 layers (docs/deploy_arm.md). The size depends on the
+  // geometry only, so every instruction set sums in the same order.
+  const int64_t in_per_group = g.in_channels / g.groups;
+  const int64_t kernel_taps = g.kernel_h * g.kernel_w;
+  const int64_t max_block =
+      kernel_taps == 1 ? in_per_group : std::max<int64_t>(1, 576 / kernel_taps);
+  weights->channel_blocks = (in_per_group + max_block - 1) / max_block;
+  const int64_t block_channels =
+      (in_per_group + weights->channel_blocks - 1) / weights->channel_blocks;
+
+  // Counting sort by codebook index. Taps keep their OIHW order inside a
+  // group, so loads walk memory forward.
+  const int64_t taps = in_per_group * kernel_taps;
+  const int entries = 1 << desc.bits;
+  std::vector<int64_t> counts(entries);
+  std::vector<int64_t> start(entries);
+  for (int64_t o = 0; o < g.out_channels; ++o) {
+    const uint8_t* row = indices.data() + o * taps;
+    for (int64_t block = 0; block < weights->channel_blocks; ++block) {
+      const int64_t t_begin = block * block_channels * kernel_taps;
+      const int64_t t_end =
+          std::min(taps, t_begin + block_channels * kernel_taps);
+      std::fill(counts.begin(), counts.end(), 0);
+      for (int64_t t = t_begin; t < t_end; ++t) ++counts[row[t]];
+
+      int64_t next = static_cast<int64_t>(weights->tap_ids.size());
+      for (int k = 1; k < entries; ++k) {
+        start[k] = next;
+        next += counts[k];
+        if (counts[k] > 0) {
+          weights->groups.push_back(detail::QuantGroup{
+              desc.codebook[k], static_cast<int32_t>(counts[k])});
+        }
+      }
+      weights->tap_ids.resize(next);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        if (row[t] != 0) {
+          weights->tap_ids[start[row[t]]++] = static_cast<int32_t>(t);
+        }
+      }
+      weights->tap_begin.push_back(next);
+      weights->group_begin.push_back(
+          static_cast<int64_t>(weights->groups.size()));
+    }
+  }
+}
+
+// Lays the indices out in output-channel blocks, for the lookup kernel.
+void repack_lookup(const QuantConvDesc& desc,
+                   const std::vector<uint8_t>& indices,
+                   const detail::KernelTable& kernels, ConvWeights* weights) {
+  const ConvGeometry& g = desc.geometry;
+  const int64_t block = output_block(g, kernels);
+  const int64_t out_per_group = g.out_channels / g.groups;
+  const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
+  weights->out_block = block;
+  weights->blocks_per_group = (out_per_group + block - 1) / block;
+  weights->codebook.assign(desc.codebook, desc.codebook + desc.codebook_size);
+  weights->block_indices.assign(
+      g.groups * weights->blocks_per_group * taps * block, 0);
+
+  for (int64_t o = 0; o < g.out_channels; ++o) {
+    const int64_t group = o / out_per_group;
+    const int64_t local = o % out_per_group;
+    uint8_t* dst = weights->block_indices.data() +
+                   (group * weights->blocks_per_group + local / block) * taps *
+                       block +
+                   local % block;
+    const uint8_t* src = indices.data() + o * taps;
+    for (int64_t t = 0; t < taps; ++t) dst[t * block] = src[t];
+  }
+}
+
+}  // namespace
+
+const char* quant_kernel_name(QuantKernel kernel) {
+  switch (kernel) {
+    case QuantKernel::kAuto:
+      return "auto";
+    case QuantKernel::kAccumulate:
+      return "accumulate";
+    case QuantKernel::kLookup:
+      return "lookup";
+  }
+  return "unknown";
+}
+
 QuantConv2d::QuantConv2d(const ConvGeometry& geometry, Activation activation,
-                         Isa isa)
-    : Conv2d(geometry, activation, isa) {
+                         Isa isa, QuantKernel kernel)
+    : Conv2d(geometry, activation, isa), kernel_(kernel) {
   const detail::KernelTable& kernels = detail::kernels_for(isa);
   lanes_ = kernels.lanes;
-  tile_segments_ = kernels.quant_tile_segments;
+  if (kernel == QuantKernel::kAccumulate) {
+    tile_segments_ = kernels.quant_tile_segments;
+  } else {
+    tile_segments_ = output_block(geometry, kernels) == 1
+                         ? kernels.dense_single_tile_segments
+                         : kernels.dense_tile_segments;
+  }
 }
 
 QuantConv2d::~QuantConv2d() = default;
 
 Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
-                           std::unique_ptr<QuantConv2d>* out) {
+                           std::unique_ptr<QuantConv2d>* out,
+                           QuantKernel kernel) {
   if (!isa_supported(isa)) {
     return Status(StatusCode::kUnsupported,
                   std::string("instruction set ") + isa_name(isa) +
                       " is not available in this build or on this CPU; "
                       "use Isa::kAuto");
   }
+  if (kernel != QuantKernel::kAuto && kernel != QuantKernel::kAccumulate &&
+      kernel != QuantKernel::kLookup) {
+    return invalid("quantized kernel is " +
+                   str(static_cast<int64_t>(kernel)) +
+                   ", expected 0 (auto), 1 (accumulate) or 2 (lookup)");
+  }
   try {
     std::vector<uint8_t> indices;
     Status status = unpack_indices(desc, &indices);
     if (!status.ok()) return status;
 
+    const int64_t pruned = std::count(indices.begin(), indices.end(), 0);
+    const double sparsity =
+        static_cast<double>(pruned) / static_cast<double>(indices.size());
+    if (kernel == QuantKernel::kAuto) {
+      kernel = sparsity >= kAccumulateMinSparsity ? QuantKernel::kAccumulate
+                                                  : QuantKernel::kLookup;
+    }
+
     const ConvGeometry& g = desc.geometry;
     std::unique_ptr<QuantConv2d> conv(
-        new QuantConv2d(g, desc.activation, resolve_isa(isa)));
+        new QuantConv2d(g, desc.activation, resolve_isa(isa), kernel));
     conv->bits_ = desc.bits;
+    conv->sparsity_ = sparsity;
     auto weights = std::make_unique<ConvWeights>();
     weights->scale.assign(desc.scale, desc.scale + g.out_channels);
     weights->bias.assign(desc.bias, desc.bias + g.out_channels);
-    weights->tap_begin.assign(1, 0);
-    weights->group_begin.assign(1, 0);
-
-    // Input channels per block: for kernels larger than 1x1, about 576
-    // taps (64 channels of a 3x3 kernel), split evenly, so the tile's
-    // input rows stay in L1 cache. 1x1 kernels use one block, because
-    // their inputs per tile are small and splitting them leaves few taps
-    // per codebook group. Both choices were the faster ones on the
-    // ResNet-50 layers (docs/deploy_arm.md). The size depends on the
-    // geometry only, so every instruction set sums in the same order.
-    const int64_t in_per_group = g.in_channels / g.groups;
-    const int64_t kernel_taps = g.kernel_h * g.kernel_w;
-    const int64_t max_block =
-        kernel_taps == 1 ? in_per_group : std::max<int64_t>(1, 576 / kernel_taps);
-    weights->channel_blocks = (in_per_group + max_block - 1) / max_block;
-    const int64_t block_channels =
-        (in_per_group + weights->channel_blocks - 1) / weights->channel_blocks;
-
-    // Counting sort of each (output channel, block)'s taps by codebook
-    // index; taps keep their OIHW order inside a group, so loads walk
-    // memory forward.
-    const int64_t taps = in_per_group * kernel_taps;
-    const int entries = 1 << desc.bits;
-    std::vector<int64_t> counts(entries);
-    std::vector<int64_t> start(entries);
-    int64_t pruned = 0;
-    for (int64_t o = 0; o < g.out_channels; ++o) {
-      const uint8_t* row = indices.data() + o * taps;
-      for (int64_t block = 0; block < weights->channel_blocks; ++block) {
-        const int64_t t_begin = block * block_channels * kernel_taps;
-        const int64_t t_end = std::min(taps, t_begin + block_channels * kernel_taps);
-        std::fill(counts.begin(), counts.end(), 0);
-        for (int64_t t = t_begin; t < t_end; ++t) ++counts[row[t]];
-        pruned += counts[0];
-
-        int64_t next = static_cast<int64_t>(weights->tap_ids.size());
-        for (int k = 1; k < entries; ++k) {
-          start[k] = next;
-          next += counts[k];
-          if (counts[k] > 0) {
-            weights->groups.push_back(detail::QuantGroup{
-                desc.codebook[k], static_cast<int32_t>(counts[k])});
-          }
-        }
-        weights->tap_ids.resize(next);
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          if (row[t] != 0) {
-            weights->tap_ids[start[row[t]]++] = static_cast<int32_t>(t);
-          }
-        }
-        weights->tap_begin.push_back(next);
-        weights->group_begin.push_back(
-            static_cast<int64_t>(weights->groups.size()));
-      }
+    if (kernel == QuantKernel::kAccumulate) {
+      repack_accumulate(desc, indices, weights.get());
+    } else {
+      repack_lookup(desc, indices, detail::kernels_for(conv->isa_),
+                    weights.get());
     }
 
-    conv->sparsity_ =
-        static_cast<double>(pruned) / static_cast<double>(indices.size());
     conv->weights_ = std::move(weights);
     *out = std::move(conv);
     return Status::Ok();
@@ -198,6 +273,10 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
 }
 
 Status QuantConv2d::fill_plan(ConvPlan* plan) const {
+  if (kernel_ == QuantKernel::kLookup) {
+    local_tap_offsets(geometry_, *plan, &plan->offsets);
+    return Status::Ok();
+  }
   std::vector<int32_t> table;
   local_tap_offsets(geometry_, *plan, &table);
   const std::vector<int32_t>& ids = weights_->tap_ids;
@@ -211,6 +290,32 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
+
+  if (kernel_ == QuantKernel::kLookup) {
+    detail::LookupKernelArgs args;
+    args.input = prepared;
+    args.output = output;
+    args.out_plane = plan.out_h * plan.out_w;
+    args.segments = plan.segments.data();
+    args.offsets = plan.offsets.data();
+    args.taps = static_cast<int64_t>(plan.offsets.size());
+    args.indices = w.block_indices.data();
+    args.codebook = w.codebook.data();
+    args.scale = w.scale.data();
+    args.bias = w.bias.data();
+    args.group_input_stride = (g.in_channels / g.groups) * plan.plane;
+    args.out_per_group = g.out_channels / g.groups;
+    args.blocks_per_group = w.blocks_per_group;
+    args.activation = activation_;
+
+    const auto kernel =
+        w.out_block == 1 ? kernels.lookup_single : kernels.lookup;
+    run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
+                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
+                  kernel(args, tile, begin, end);
+                });
+    return;
+  }
 
   detail::QuantKernelArgs args;
   args.input = prepared;

@@ -172,12 +172,59 @@ void check_identical(const std::vector<float>& output,
                      (bad < 0 ? "" : format(expected[bad])));
 }
 
+// Checks both quantized kernels on one layer: the scalar kernel with one
+// thread against the naive conv, then every instruction set (scalar
+// included) with each thread count bit-identical to it.
+void check_quant_layer(const QuantLayer& layer, const std::vector<float>& input,
+                       int64_t height, int64_t width,
+                       const std::vector<int>& thread_counts,
+                       const std::string& context) {
+  const ConvGeometry& g = layer.geometry;
+  const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
+  std::vector<double> expected;
+  std::vector<double> magnitude;
+  testing::naive_conv(g, height, width, input, layer.decoded_weights(),
+                      layer.scale, layer.bias, layer.activation, &expected,
+                      &magnitude);
+  std::vector<Isa> isas = simd_isas();
+  isas.insert(isas.begin(), Isa::kScalar);
+
+  for (QuantKernel kernel : {QuantKernel::kAccumulate, QuantKernel::kLookup}) {
+    const std::string kernel_context =
+        context + " kernel=" + quant_kernel_name(kernel);
+    std::unique_ptr<QuantConv2d> scalar;
+    Status status =
+        QuantConv2d::create(layer.desc(), Isa::kScalar, &scalar, kernel);
+    check(status.ok(), kernel_context + ": create failed: " + status.message());
+    if (!status.ok()) continue;
+    check(scalar->kernel() == kernel, kernel_context + ": wrong kernel");
+    const std::vector<float> reference =
+        run_conv(*scalar, input, height, width, 1, kernel_context);
+    check_close(reference, expected, magnitude, taps,
+                kernel_context + " scalar vs naive");
+
+    for (Isa isa : isas) {
+      std::unique_ptr<QuantConv2d> conv;
+      status = QuantConv2d::create(layer.desc(), isa, &conv, kernel);
+      check(status.ok(), kernel_context + ": create failed: " + status.message());
+      if (!status.ok()) continue;
+      for (int threads : thread_counts) {
+        const std::string run_context = kernel_context + " isa=" +
+                                        isa_name(isa) + " threads=" +
+                                        std::to_string(threads);
+        check_identical(
+            run_conv(*conv, input, height, width, threads, run_context),
+            reference, run_context + " vs scalar");
+      }
+    }
+  }
+}
+
 void test_quant_kernels(std::mt19937* rng) {
   const double sparsities[] = {0.3, 0.0, 1.0, 0.6};
   int case_index = 0;
   for (const Shape& shape : kShapes) {
     const ConvGeometry g = shape.geometry();
-    const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
     for (int bits : kBits) {
       const Activation activation = static_cast<Activation>(case_index % 3);
       const double sparsity = sparsities[case_index % 4];
@@ -186,40 +233,10 @@ void test_quant_kernels(std::mt19937* rng) {
           testing::random_quant_layer(g, bits, sparsity, activation, rng);
       const std::vector<float> input = testing::random_floats(
           g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
-
-      std::vector<double> expected;
-      std::vector<double> magnitude;
-      testing::naive_conv(g, shape.height, shape.width, input,
-                          layer.decoded_weights(), layer.scale, layer.bias,
-                          activation, &expected, &magnitude);
-
-      std::unique_ptr<QuantConv2d> scalar;
-      Status status = QuantConv2d::create(layer.desc(), Isa::kScalar, &scalar);
-      check(status.ok(), label(shape, "quant", bits, Isa::kScalar, 1) +
-                             ": create failed: " + status.message());
-      if (!status.ok()) continue;
-      const std::vector<float> reference =
-          run_conv(*scalar, input, shape.height, shape.width, 1,
-                   label(shape, "quant", bits, Isa::kScalar, 1));
-      check_close(reference, expected, magnitude, taps,
-                  label(shape, "quant vs naive", bits, Isa::kScalar, 1));
-
-      std::vector<Isa> isas = simd_isas();
-      isas.insert(isas.begin(), Isa::kScalar);
-      for (Isa isa : isas) {
-        std::unique_ptr<QuantConv2d> conv;
-        status = QuantConv2d::create(layer.desc(), isa, &conv);
-        check(status.ok(), label(shape, "quant", bits, isa, 1) +
-                               ": create failed: " + status.message());
-        if (!status.ok()) continue;
-        for (int threads : kThreads) {
-          const std::string context =
-              label(shape, "quant vs scalar", bits, isa, threads);
-          check_identical(run_conv(*conv, input, shape.height, shape.width,
-                                   threads, context),
-                          reference, context);
-        }
-      }
+      check_quant_layer(layer, input, shape.height, shape.width,
+                        {kThreads[0], kThreads[1]},
+                        std::string("quant ") + shape.name +
+                            " bits=" + std::to_string(bits));
     }
   }
 }
@@ -404,6 +421,11 @@ void test_malformed_quant(std::mt19937* rng) {
                    std::string("quant create, ") + c.name);
   }
 
+  std::unique_ptr<QuantConv2d> bad_kernel;
+  expect_invalid(QuantConv2d::create(good.desc(), Isa::kScalar, &bad_kernel,
+                                     static_cast<QuantKernel>(5)),
+                 "quant create, kernel out of range");
+
   // Unsupported instruction set on this machine.
   for (Isa isa : {Isa::kAvx2, Isa::kNeon}) {
     if (isa_supported(isa)) continue;
@@ -411,6 +433,33 @@ void test_malformed_quant(std::mt19937* rng) {
     Status status = QuantConv2d::create(good.desc(), isa, &conv);
     check(status.code() == StatusCode::kUnsupported,
           std::string("quant create with unsupported ") + isa_name(isa));
+  }
+}
+
+// kAuto picks the accumulate kernel from kAccumulateMinSparsity pruned
+// weights on, else the lookup kernel.
+void test_kernel_choice(std::mt19937* rng) {
+  ConvGeometry g;
+  g.out_channels = 8;
+  g.in_channels = 16;
+  g.kernel_h = g.kernel_w = 3;
+  const struct {
+    double sparsity;
+    QuantKernel expected;
+  } cases[] = {{0.0, QuantKernel::kLookup},
+               {0.2, QuantKernel::kLookup},
+               {0.8, QuantKernel::kAccumulate},
+               {1.0, QuantKernel::kAccumulate}};
+  for (const auto& c : cases) {
+    const QuantLayer layer =
+        testing::random_quant_layer(g, 2, c.sparsity, Activation::kNone, rng);
+    std::unique_ptr<QuantConv2d> conv;
+    check(QuantConv2d::create(layer.desc(), Isa::kAuto, &conv).ok(),
+          "kernel choice: create failed");
+    if (!conv) continue;
+    check(conv->kernel() == c.expected,
+          "kernel choice: sparsity " + format(conv->sparsity()) + " chose " +
+              quant_kernel_name(conv->kernel()));
   }
 }
 
@@ -508,9 +557,10 @@ void test_c_api() {
   const float bias[2] = {0.0f, 1.0f};
   dgms_conv* conv = nullptr;
   check(dgms_quant_conv_create(&g, 1, codebook, 2, indices, 1, scale, 2, bias,
-                               2, 0, 0, &conv) == DGMS_OK,
+                               2, 0, 0, 2, &conv) == DGMS_OK,
         std::string("c api create failed: ") + dgms_last_error());
   if (conv == nullptr) return;
+  check(dgms_conv_quant_kernel(conv) == 2, "c api quant kernel is not lookup");
 
   dgms_thread_pool* pool = nullptr;
   check(dgms_thread_pool_create(3, &pool) == DGMS_OK, "c api pool create");
@@ -531,7 +581,7 @@ void test_c_api() {
 
   dgms_conv* bad = nullptr;
   check(dgms_quant_conv_create(&g, 1, codebook, 2, indices, 1, scale, 2, bias,
-                               2, 0, 9, &bad) == DGMS_INVALID_ARGUMENT &&
+                               2, 0, 9, 0, &bad) == DGMS_INVALID_ARGUMENT &&
             bad == nullptr,
         "c api create with isa 9");
 
@@ -615,7 +665,6 @@ std::string describe(const Shape& s) {
 // Random small geometries, bits, sparsities and thread counts: the scalar
 // kernel against the naive conv, and every SIMD path bit-identical to it.
 void test_random_layers(std::mt19937* rng, int cases) {
-  std::vector<Isa> isas = simd_isas();
   for (int i = 0; i < cases; ++i) {
     const Shape shape = random_shape(rng);
     const ConvGeometry g = shape.geometry();
@@ -631,30 +680,8 @@ void test_random_layers(std::mt19937* rng, int cases) {
         testing::random_quant_layer(g, bits, sparsity, activation, rng);
     const std::vector<float> input = testing::random_floats(
         g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
-    std::vector<double> expected;
-    std::vector<double> magnitude;
-    testing::naive_conv(g, shape.height, shape.width, input,
-                        layer.decoded_weights(), layer.scale, layer.bias,
-                        activation, &expected, &magnitude);
-
-    std::unique_ptr<QuantConv2d> scalar;
-    Status status = QuantConv2d::create(layer.desc(), Isa::kScalar, &scalar);
-    check(status.ok(), context + ": create failed: " + status.message());
-    if (!status.ok()) continue;
-    const std::vector<float> reference =
-        run_conv(*scalar, input, shape.height, shape.width, threads, context);
-    const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
-    check_close(reference, expected, magnitude, taps, context + " vs naive");
-
-    for (Isa isa : isas) {
-      std::unique_ptr<QuantConv2d> conv;
-      status = QuantConv2d::create(layer.desc(), isa, &conv);
-      check(status.ok(), context + ": create failed: " + status.message());
-      if (!status.ok()) continue;
-      check_identical(
-          run_conv(*conv, input, shape.height, shape.width, threads, context),
-          reference, context + " isa=" + isa_name(isa));
-    }
+    check_quant_layer(layer, input, shape.height, shape.width, {threads},
+                      context);
   }
 }
 
@@ -779,6 +806,7 @@ int main() {
   test_dense_kernels(&rng);
   test_shape_change(&rng);
   test_malformed_quant(&rng);
+  test_kernel_choice(&rng);
   test_malformed_run(&rng);
   test_malformed_dense();
   test_c_api();

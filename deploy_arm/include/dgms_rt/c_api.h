@@ -21,7 +21,8 @@ typedef enum {
 } dgms_status;
 
 /* Instruction sets: 0 auto, 1 scalar, 2 avx2, 3 neon.
- * Activations: 0 none, 1 ReLU, 2 ReLU6. */
+ * Activations: 0 none, 1 ReLU, 2 ReLU6.
+ * Quantized kernels: 0 auto, 1 accumulate, 2 lookup (see QuantKernel). */
 
 typedef struct {
   int64_t out_channels, in_channels, groups;
@@ -51,7 +52,7 @@ dgms_status dgms_quant_conv_create(
     const dgms_conv_geometry* geometry, int bits, const float* codebook,
     int64_t codebook_size, const uint8_t* indices, int64_t indices_size,
     const float* scale, int64_t scale_size, const float* bias,
-    int64_t bias_size, int activation, int isa, dgms_conv** out);
+    int64_t bias_size, int activation, int isa, int kernel, dgms_conv** out);
 
 /* Creates a dense FP32 conv layer; bias may be NULL with bias_size 0. */
 dgms_status dgms_dense_conv_create(const dgms_conv_geometry* geometry,
@@ -63,6 +64,8 @@ void dgms_conv_destroy(dgms_conv* conv);
 
 /* The instruction set the layer's kernels use (never 0). */
 int dgms_conv_isa(const dgms_conv* conv);
+/* The quantized kernel the layer uses (1 or 2), or 0 for a dense layer. */
+int dgms_conv_quant_kernel(const dgms_conv* conv);
 
 dgms_status dgms_conv_output_size(const dgms_conv* conv, int64_t height,
                                   int64_t width, int64_t* out_height,

@@ -39,6 +39,25 @@ Isa resolve_isa(Isa isa);
 
 enum class Activation { kNone = 0, kReLU = 1, kReLU6 = 2 };
 
+// Kernel of a quantized layer. Both use the codebook directly.
+// - kAccumulate sums the inputs that share a codebook index and
+//   multiplies each sum by its codebook value once, skipping index 0, so
+//   its time falls with the pruned fraction.
+// - kLookup decodes each weight as codebook[index] inside a multiply-add
+//   kernel blocked over output channels, like the dense one, from 1-byte
+//   indices; its time does not depend on the pruned fraction.
+// - kAuto picks kAccumulate when at least kAccumulateMinSparsity of the
+//   weights have index 0, else kLookup.
+enum class QuantKernel { kAuto = 0, kAccumulate = 1, kLookup = 2 };
+
+// Pruned fraction from which kAuto picks kAccumulate: near the break-even
+// measured on x86 AVX2 (docs/deploy_arm.md).
+// NOTE: not measured on ARM; the NEON break-even is an estimate.
+constexpr double kAccumulateMinSparsity = 0.5;
+
+// Returns "auto", "accumulate" or "lookup".
+const char* quant_kernel_name(QuantKernel kernel);
+
 // Geometry of a 2-D convolution, with PyTorch's meaning of every field.
 // Input channels and output channels must both be divisible by groups;
 // depthwise is groups == in_channels == out_channels.
@@ -168,17 +187,19 @@ class Conv2d {
   mutable std::shared_ptr<const ConvPlan> plan_;
 };
 
-// Quantized conv with accumulate-by-index kernels: for each output channel
-// the inputs under the weights that share a codebook index are summed, and
-// each sum is multiplied by its codebook value once. Index 0 is skipped.
+// Quantized conv with codebook kernels (see QuantKernel).
 class QuantConv2d : public Conv2d {
  public:
-  // Validates desc and repacks it. isa kAuto picks the fastest supported
-  // kernels; an explicit isa that is not supported returns kUnsupported.
+  // Validates desc and repacks it for the chosen kernel. isa kAuto picks
+  // the fastest supported instruction set; an explicit isa that is not
+  // supported returns kUnsupported.
   static Status create(const QuantConvDesc& desc, Isa isa,
-                       std::unique_ptr<QuantConv2d>* out);
+                       std::unique_ptr<QuantConv2d>* out,
+                       QuantKernel kernel = QuantKernel::kAuto);
   ~QuantConv2d() override;
 
+  // The kernel in use (never kAuto).
+  QuantKernel kernel() const { return kernel_; }
   int bits() const { return bits_; }
   // Fraction of weights with index 0 (pruned, skipped by the kernels).
   double sparsity() const { return sparsity_; }
@@ -189,8 +210,10 @@ class QuantConv2d : public Conv2d {
                ThreadPool* pool) const override;
 
  private:
-  QuantConv2d(const ConvGeometry& geometry, Activation activation, Isa isa);
+  QuantConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
+              QuantKernel kernel);
 
+  QuantKernel kernel_;
   int bits_ = 0;
   double sparsity_ = 0.0;
   std::unique_ptr<ConvWeights> weights_;

@@ -17,6 +17,7 @@ struct Ops {
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
+  static Vec fused(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
   static Vec max(Vec a, Vec b) { return vmaxq_f32(a, b); }
   static Vec min(Vec a, Vec b) { return vminq_f32(a, b); }
   static void store(float* p, Vec v, int lanes) {
@@ -53,6 +54,8 @@ const KernelTable& neon_kernels() {
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
       &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }

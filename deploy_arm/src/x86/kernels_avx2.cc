@@ -17,6 +17,7 @@ struct Ops {
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec fused(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
   static Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
   static void store(float* p, Vec v, int lanes) {
@@ -54,6 +55,8 @@ const KernelTable& avx2_kernels() {
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
       &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
   };
   return table;
 }
