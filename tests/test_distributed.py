@@ -18,6 +18,13 @@ from mmengine.registry import init_default_scope
 from conftest import REPO_ROOT, TEST_CONFIGS, write_config
 
 WORLD_SIZE = 2
+LAYER_BITS = {'neck.*': 8, 'backbone.layer7.*': 2}
+
+
+def expected_bits(layer: str) -> int:
+    if layer.startswith('neck.'):
+        return 8
+    return 2 if layer.startswith('backbone.layer7.') else 4
 
 
 def free_loopback_port() -> int:
@@ -48,9 +55,11 @@ def dist_run(tree_data, tmp_path_factory):
         folder / 'dgms.py', TEST_CONFIGS / 'tiny_retinanet_dgms.py', tree_data,
         "custom_imports = dict(imports=['mmdgms', 'rank_state_hook'], "
         "allow_failed_imports=False)\n"
-        # stats_interval beyond the 2 iterations: the statistics are not
-        # under test here and take seconds per call on 2 cores.
-        "custom_hooks = [dict(type='DGMSHook', bits=4, stats_interval=100), "
+        # Mixed precision, so that the ranks also agree on codebooks of
+        # different sizes. stats_interval lies beyond the 2 iterations: the
+        # statistics are not under test here and take seconds per call.
+        f"custom_hooks = [dict(type='DGMSHook', bits=4, "
+        f"layer_bits={LAYER_BITS!r}, stats_interval=100), "
         "dict(type='RankStateDumpHook')]\n")
     load_from = save_initial_weights(TEST_CONFIGS / 'tiny_retinanet_fp.py',
                                      folder / 'initial.pth')
@@ -113,7 +122,7 @@ def test_mixtures_trained_on_every_rank(dist_run):
     unchanged = []
     for key in means:
         layer = key[:-len('.mixture.means')]
-        fresh = GaussianMixtureQuantizer(bits=4)
+        fresh = GaussianMixtureQuantizer(bits=expected_bits(layer))
         fresh.init_from_weights(initial[f'{layer}.weight'])
         if torch.equal(fresh.means.detach(), state[key]):
             unchanged.append(layer)
@@ -135,7 +144,19 @@ def test_checkpoint_written_once(dist_run):
     assert saved.keys() == live.keys()
     for key in live:
         assert torch.equal(saved[key], live[key]), key
-    assert checkpoint['meta']['dgms']['avg_bits'] == pytest.approx(4.0)
+
+    meta = checkpoint['meta']['dgms']
+    wrong = {n: b for n, b in meta['layers'].items() if b != expected_bits(n)}
+    assert wrong == {}
+    assert set(meta['layers'].values()) == {2, 4, 8}
+    weights = {
+        n: checkpoint['state_dict'][f'{n}.weight'].numel()
+        for n in meta['layers']
+    }
+    assert meta['params'] == sum(weights.values())
+    average = sum(meta['layers'][n] * weights[n]
+                  for n in weights) / meta['params']
+    assert meta['avg_bits'] == pytest.approx(average)
     assert 'CPU distributed training: rank 0 of 2' in output
 
 
