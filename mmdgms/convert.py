@@ -1,5 +1,6 @@
 """Select conv layers of a model by name pattern and swap in DGMS convs."""
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,8 +27,14 @@ class DGMSConfig:
             precision even though ``include`` selects them. Default: ().
         skip_stem (bool): leave the backbone's first conv layer (the one
             that reads the image) in full precision. Default: True.
-        layer_bits (dict): pattern -> bits overrides; the first matching
-            pattern wins. Default: {}.
+        layer_bits (dict): per-layer bit widths, fnmatch pattern -> bits,
+            for the selected layers. When several patterns match a layer,
+            the first one in the dict's order (the order written in the
+            config) sets its bits, so put specific patterns before general
+            ones. A layer that no pattern matches gets ``bits``.
+            :func:`select_layers` rejects a pattern that matches no selected
+            layer, or whose layers all take their bits from earlier
+            patterns. Default: {}.
         init_temperature, learn_temperature, min_std, min_temperature: as
             for :class:`~mmdgms.quant.GaussianMixtureQuantizer`.
     """
@@ -48,17 +55,22 @@ class DGMSConfig:
         if not self.include:
             raise ValueError('include is empty: give at least one module '
                              "name pattern, e.g. include=['backbone.*']")
-        self.layer_bits = dict(self.layer_bits or {})
-        for pattern, bits in self.layer_bits.items():
-            check_bits(bits, f'layer_bits[{pattern!r}]')
+        self.layer_bits = _as_layer_bits(self.layer_bits)
+
+    def layer_bits_pattern(self, name: str) -> Optional[str]:
+        """Return the first ``layer_bits`` pattern that matches ``name``."""
+        for pattern in self.layer_bits:
+            if fnmatch.fnmatchcase(name, pattern):
+                return pattern
+        return None
+
+    def bits_of(self, name: str) -> int:
+        """Return the bit width that the config gives the layer ``name``."""
+        pattern = self.layer_bits_pattern(name)
+        return self.bits if pattern is None else self.layer_bits[pattern]
 
     def mixture_cfg(self, name: str) -> dict:
-        bits = self.bits
-        for pattern, pattern_bits in self.layer_bits.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                bits = pattern_bits
-                break
-        return dict(bits=bits,
+        return dict(bits=self.bits_of(name),
                     init_temperature=self.init_temperature,
                     learn_temperature=self.learn_temperature,
                     min_std=self.min_std,
@@ -74,6 +86,48 @@ def _as_patterns(value, name: str) -> Tuple[str, ...]:
             raise ValueError(f'{name} must be a list of non-empty module name '
                              f'patterns, got {value!r}')
     return patterns
+
+
+def _as_layer_bits(value) -> Dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            'layer_bits must be a dict of module name pattern -> bits, e.g. '
+            f"{{'backbone.layer1.*': 8}}, got {value!r}")
+    layer_bits = {}
+    for pattern, bits in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(
+                'layer_bits keys must be non-empty module name patterns, '
+                f'got {pattern!r} in layer_bits={dict(value)!r}')
+        layer_bits[pattern] = check_bits(bits, f'layer_bits[{pattern!r}]')
+    return layer_bits
+
+
+def check_layer_bits(cfg: DGMSConfig, selected: List[str]) -> None:
+    """Raise ValueError for a ``layer_bits`` pattern that sets no layer's bits.
+
+    A pattern has no effect when it matches none of the ``selected`` layers,
+    or when every layer it matches is matched by an earlier pattern first.
+    """
+    for pattern in cfg.layer_bits:
+        matched = [n for n in selected if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(
+                f'layer_bits pattern {pattern!r} matches none of the '
+                f'{len(selected)} quantized layers (e.g. {selected[0]}); '
+                'remove it or fix the name')
+        winners = {cfg.layer_bits_pattern(n) for n in matched}
+        if pattern not in winners:
+            earlier = ', '.join(repr(p) for p in cfg.layer_bits
+                                if p in winners)
+            raise ValueError(
+                f'layer_bits pattern {pattern!r} sets no layer\'s bits: every '
+                f'layer it matches ({len(matched)}, e.g. {matched[0]}) is '
+                f'matched first by the earlier pattern(s) {earlier}, and the '
+                'first matching pattern wins. Put the more specific pattern '
+                'first or remove it')
 
 
 def find_stem_conv(model: nn.Module) -> Optional[str]:
@@ -99,8 +153,8 @@ def select_layers(model: nn.Module, cfg: DGMSConfig) -> List[str]:
     Raises:
         ValueError: a pattern matches no conv layer (it names nothing, or
             only non-conv modules such as BatchNorm), an exclude pattern
-            matches nothing, a layer_bits pattern matches no quantized
-            layer, or nothing is left to quantize.
+            matches nothing, a layer_bits pattern sets no layer's bits (see
+            :func:`check_layer_bits`), or nothing is left to quantize.
         TypeError: a selected module is a Conv2d subclass with its own
             forward (weight standardisation, adaptive padding, ...), which
             DGMS cannot quantize without changing what the layer computes.
@@ -158,22 +212,30 @@ def select_layers(model: nn.Module, cfg: DGMSConfig) -> List[str]:
             f'include={list(cfg.include)} and exclude={list(cfg.exclude)} '
             f'(skip_stem={cfg.skip_stem}) leave no conv layer to quantize in '
             f'{type(model).__name__}{hint}')
-    for pattern in cfg.layer_bits:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in selected):
-            raise ValueError(
-                f'layer_bits pattern {pattern!r} matches none of the '
-                f'{len(selected)} quantized layers (e.g. {selected[0]}); '
-                'remove it or fix the name')
+    check_layer_bits(cfg, selected)
     return selected
+
+
+def _check_prebuilt_bits(cfg: DGMSConfig, name: str,
+                         module: DGMSConv2d) -> None:
+    pattern = cfg.layer_bits_pattern(name)
+    if pattern is not None and cfg.layer_bits[pattern] != module.bits:
+        raise ValueError(
+            f'{name} is built as a {module.bits}-bit DGMSConv by the model '
+            f'config (conv_cfg), but layer_bits[{pattern!r}] requests '
+            f'{cfg.layer_bits[pattern]} bits. Set the bits in conv_cfg, or '
+            'build the layer as a plain conv and let layer_bits choose')
 
 
 def convert_model(model: nn.Module, cfg: DGMSConfig) -> Dict[str, DGMSConv2d]:
     """Replace the selected conv layers of ``model`` in place.
 
     Layers that already are :class:`DGMSConv2d` (built through
-    ``conv_cfg=dict(type='DGMSConv')``) are kept as they are. The new layers
-    take over the original weight and bias Parameter objects, and their
-    mixtures are left uninitialised.
+    ``conv_cfg=dict(type='DGMSConv')``) are kept as they are, bit width
+    included. A ``layer_bits`` pattern that requests another bit width for
+    such a layer is a ValueError. The new layers take over the original
+    weight and bias Parameter objects, and their mixtures are left
+    uninitialised.
 
     Returns:
         dict: module name -> DGMSConv2d for every selected layer.
@@ -183,7 +245,9 @@ def convert_model(model: nn.Module, cfg: DGMSConfig) -> Dict[str, DGMSConv2d]:
         parent_name, _, child = name.rpartition('.')
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
-        if not isinstance(module, DGMSConv2d):
+        if isinstance(module, DGMSConv2d):
+            _check_prebuilt_bits(cfg, name, module)
+        else:
             module = DGMSConv2d.from_conv(module, **cfg.mixture_cfg(name))
             setattr(parent, child, module)
         module.layer_name = name

@@ -3,6 +3,7 @@
 A tiny RetinaNet (tests/configs) is trained in full precision for one epoch
 on 8 tree tiles. That checkpoint is the load_from of a 2-epoch DGMS run.
 """
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from mmengine.runner import Runner
 
 import mmdgms
 from mmdgms.convert import dgms_layers
+from mmdgms.stats import layer_stats, total_stats
 
 from conftest import REPO_ROOT, TEST_CONFIGS, write_config
 
@@ -296,3 +298,120 @@ def test_full_precision_checkpoint_cannot_be_tested(configs, fp_checkpoint,
     runner = build_runner(configs[1], tmp_path, load_from=str(fp_checkpoint))
     with pytest.raises(RuntimeError, match='not a checkpoint of a DGMS run'):
         runner.test()
+
+
+def read_scalars(work_dir: Path) -> list:
+    """Return the records of the run's LocalVisBackend scalars.json."""
+    files = list(work_dir.glob('*/vis_data/scalars.json'))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def final_stats(dgms_run):
+    """Totals and per-layer rows of the trained model (hard weights)."""
+    rows = layer_stats(dgms_run[0].model)
+    return total_stats(rows), {row['name']: row for row in rows}
+
+
+def test_training_scalars_reach_local_backend(dgms_run, final_stats):
+    _, work_dir, _ = dgms_run
+    records = read_scalars(work_dir)
+    train = [r for r in records if 'dgms/sparsity' in r]
+    # LoggerHook interval 1: one record per iteration, 2 epochs x 2.
+    assert [r['step'] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert 0.0 <= record['dgms/sparsity'] < 1.0
+        assert record['dgms/avg_bits'] == 4.0
+        assert record['dgms/temperature'] > 0.0
+        assert 0.0 < record['dgms/codebook_usage'] <= 1.0
+        assert 'loss' in record  # the same record as the losses
+
+    # No optimizer step follows the last logged iteration, so its totals are
+    # those of the trained model.
+    total, _ = final_stats
+    assert train[-1]['dgms/sparsity'] == pytest.approx(total['sparsity'])
+    assert train[-1]['dgms/temperature'] == pytest.approx(
+        total['temperature'])
+    assert train[-1]['dgms/codebook_usage'] == pytest.approx(
+        total['codebook_usage'])
+
+
+def test_evaluation_scalars_reach_local_backend(dgms_run, final_stats):
+    _, work_dir, _ = dgms_run
+    records = read_scalars(work_dir)
+    total, rows = final_stats
+
+    evaluations = [r for r in records if 'dgms_eval/sparsity' in r]
+    assert len(evaluations) == 1
+    record = evaluations[0]
+    assert record['step'] == 2  # LoggerHook steps evaluations by epoch
+    assert 'coco/bbox_mAP' in record
+    assert record['dgms_eval/sparsity'] == pytest.approx(total['sparsity'])
+    assert record['dgms_eval/avg_bits'] == 4.0
+    assert record['dgms_eval/temperature'] == pytest.approx(
+        total['temperature'])
+    assert record['dgms_eval/codebook_usage'] == pytest.approx(
+        total['codebook_usage'])
+
+    # Per-layer values: one record after the k-means initialisation (step
+    # 0) and one after the evaluation, each with 3 values per layer.
+    layer_records = [
+        r for r in records if any(k.startswith('dgms_layers/') for k in r)
+    ]
+    assert [r['step'] for r in layer_records] == [0, 2]
+    last = layer_records[-1]
+    assert len(last) == 1 + 3 * len(rows)  # with 'step'
+    for name, row in rows.items():
+        for key in ('sparsity', 'temperature', 'codebook_usage'):
+            assert last[f'dgms_layers/{name}/{key}'] == pytest.approx(
+                row[key]), (name, key)
+
+
+def test_text_log_has_totals_only(dgms_run):
+    _, work_dir, _ = dgms_run
+    log = next(work_dir.glob('*/*.log')).read_text()
+    assert re.search(r'dgms/sparsity: [\d.]+', log)
+    assert re.search(r'dgms_eval/avg_bits: 4\.0', log)
+    assert 'dgms_layers/' not in log
+
+
+def test_tensorboard_event_file_matches_local_backend(dgms_run):
+    from tensorboard.backend.event_processing.event_accumulator import \
+        EventAccumulator
+
+    _, work_dir, _ = dgms_run
+    records = read_scalars(work_dir)
+    event_dirs = {p.parent for p in work_dir.glob('*/vis_data/events.out.*')}
+    assert len(event_dirs) == 1, event_dirs
+    events = EventAccumulator(str(event_dirs.pop()),
+                              size_guidance={'scalars': 0})
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+
+    layer_tags = {t for t in tags if t.startswith('dgms_layers/')}
+    expected_layer_tags = {
+        k for r in records for k in r if k.startswith('dgms_layers/')
+    }
+    assert layer_tags == expected_layer_tags
+    for tag in ('dgms/sparsity', 'dgms/temperature', 'dgms/codebook_usage',
+                'dgms/avg_bits', 'dgms_eval/sparsity',
+                next(iter(sorted(layer_tags)))):
+        assert tag in tags
+        logged = [(r['step'], r[tag]) for r in records if tag in r]
+        read_back = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in read_back] == [s for s, _ in logged], tag
+        for (_, value), (_, expected) in zip(read_back, logged):
+            # TensorBoard stores float32.
+            assert value == pytest.approx(expected, rel=1e-6), tag
+
+
+def test_checkpoint_meta_reports_average_bits(dgms_run, final_stats):
+    runner, work_dir, _ = dgms_run
+    meta = torch.load(work_dir / 'epoch_2.pth',
+                      weights_only=True)['meta']['dgms']
+    layers = dgms_layers(runner.model)
+    assert meta['params'] == sum(m.weight.numel() for m in layers.values())
+    assert meta['avg_bits'] == 4.0
+    total, _ = final_stats
+    assert meta['sparsity'] == pytest.approx(total['sparsity'])

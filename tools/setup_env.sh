@@ -2,8 +2,8 @@
 # Create (or reuse) the virtual environment that the demo and the tests run in.
 #
 # Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
-# with its compiled ops, mmdet 3.3.0, pycocotools, pytest and this package
-# (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
+# with its compiled ops, mmdet 3.3.0, pycocotools, tensorboard 2.21.0 (for
+# MMEngine's TensorboardVisBackend), pytest and this package (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
 # once into a wheel cache (20-35 minutes on 2 cores) and installed from there
 # afterwards. A second run
 # with everything in place installs nothing.
@@ -29,6 +29,7 @@ TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
+TENSORBOARD_VERSION=2.21.0
 
 log() { echo "[setup_env] $*" >&2; }
 
@@ -99,11 +100,12 @@ if ! has_version mmcv "$MMCV_VERSION"; then
 fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
-  "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
+  "tensorboard==$TENSORBOARD_VERSION" "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
 "${pip[@]}" install --no-deps -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
 import mmcv, mmdet, mmengine, torch
+from torch.utils.tensorboard import SummaryWriter  # TensorboardVisBackend
 from mmcv.ops import nms  # fails when mmcv was built without ops
 import pkg_resources  # mmengine needs it to resolve mmdet:: config paths
 print(f'[setup_env] torch {torch.__version__}, mmcv {mmcv.__version__} (ops), '

@@ -2,15 +2,21 @@
 
 Examples:
     python tools/train.py configs/dgms/retinanet_r50_4bit.py
+    bash tools/dist_train.sh CONFIG 8                # 8 GPUs
     python tools/train.py CONFIG --resume            # latest checkpoint
     python tools/train.py CONFIG --resume PATH.pth   # a given checkpoint
 """
 import argparse
+import datetime
 import os.path as osp
 
+import torch
+import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
+from mmengine.logging import print_log
+from mmengine.registry import MODEL_WRAPPERS, RUNNERS
 from mmengine.runner import Runner
+from torch.nn.parallel import DistributedDataParallel
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
 
@@ -44,6 +50,53 @@ def build_runner(cfg):
     return Runner.from_cfg(cfg)
 
 
+def setup_cpu_distributed(cfg, launcher: str) -> None:
+    """Prepare multi-process training on a machine without CUDA.
+
+    MMEngine 0.10.7 cannot do this alone: its ``init_dist`` calls
+    ``torch.cuda.set_device``, and its default DDP wrapper passes
+    ``device_ids=[LOCAL_RANK]``, which DDP rejects for a CPU model. So this
+    initialises the gloo process group from the launcher's environment
+    variables (the runner then skips its own initialisation) and sets
+    ``device_ids=None`` in ``model_wrapper_cfg``.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise SystemExit(
+            f'--launcher {launcher} without CUDA is not supported. Use '
+            '--launcher pytorch (tools/dist_train.sh) for CPU processes')
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = dist_cfg.pop('backend', None)
+    if backend != 'gloo':
+        raise SystemExit(
+            'distributed training without CUDA needs the gloo backend, but '
+            f'env_cfg.dist_cfg.backend={backend!r}. Add --cfg-options '
+            'env_cfg.dist_cfg.backend=gloo')
+
+    if 'timeout' in dist_cfg:
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    torch_dist.init_process_group(backend='gloo', **dist_cfg)
+
+    wrapper_cfg = cfg.get('model_wrapper_cfg')
+    if wrapper_cfg is None:
+        # MMEngine's defaults for a config without model_wrapper_cfg.
+        wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper_cfg.setdefault('type', 'MMDistributedDataParallel')
+    wrapper_type = MODEL_WRAPPERS.get(wrapper_cfg['type'])
+    if wrapper_type is not None and issubclass(wrapper_type,
+                                               DistributedDataParallel):
+        wrapper_cfg['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper_cfg
+    print_log(
+        f'CPU distributed training: rank {torch_dist.get_rank()} of '
+        f'{torch_dist.get_world_size()}, gloo backend, '
+        f'model wrapper {wrapper_cfg["type"]}', logger='current')
+
+
 def main():
     args = parse_args()
     if not osp.isfile(args.config):
@@ -67,6 +120,7 @@ def main():
         cfg.resume = True
         cfg.load_from = args.resume
 
+    setup_cpu_distributed(cfg, args.launcher)
     build_runner(cfg).train()
 
 

@@ -4,20 +4,36 @@ import os.path as osp
 import time
 from typing import Dict, Optional, Sequence
 
+from mmengine.dist import broadcast, get_world_size
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import BaseOptimWrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
+from torch.nn.parallel import DistributedDataParallel
 
 from ..convert import DEFAULT_INCLUDE, DGMSConfig, convert_model, dgms_layers
-from ..stats import format_table, layer_stats, total_stats
+from ..stats import bit_width_stats, format_table, layer_stats, total_stats
 
 CHECKPOINT_META_KEY = 'dgms'
 # Set on a model once the hook has converted it (a runner may call
 # before_run again, e.g. testing after training).
 CONVERTED_FLAG = '_dgms_converted'
+
+# Scalar names. Totals go through the message hub as
+# '<mode>/<group>/<name>', which LoggerHook logs as '<group>/<name>'.
+# Training totals use their own group because LoggerHook steps them by
+# iteration, and evaluation totals by epoch (or iteration).
+TRAIN_SCALAR_GROUP = 'dgms'
+EVAL_SCALAR_GROUP = 'dgms_eval'
+LAYER_SCALAR_GROUP = 'dgms_layers'
+# scalar name -> key of mmdgms.stats.total_stats
+TOTAL_SCALARS = dict(sparsity='sparsity',
+                     avg_bits='bits',
+                     temperature='temperature',
+                     codebook_usage='codebook_usage')
+LAYER_SCALARS = ('sparsity', 'temperature', 'codebook_usage')
 
 
 @HOOKS.register_module()
@@ -32,20 +48,33 @@ class DGMSHook(Hook):
       Parameters. When training, the optimizer wrapper and parameter
       schedulers are built again from the config so that they include the
       mixture parameters (``paramwise_cfg`` applies to them as to any other
-      parameter: their names contain ``.mixture.``), and a distributed model
-      wrapper is rebuilt around the converted model.
+      parameter: their names contain ``.mixture.``). A distributed model
+      wrapper is rebuilt around the converted model, so that it also
+      synchronises the mixture gradients.
     - ``before_train`` (after ``load_from`` or ``resume``): every mixture
       that the loaded checkpoint did not provide is initialised by k-means
-      from the loaded full-precision weights. A resumed run restores its
+      from the loaded full-precision weights, and in distributed training
+      every rank then copies rank 0's mixtures. A resumed run restores its
       mixtures from the checkpoint and initialises nothing.
     - training iterations use soft weights; validation and testing use hard
       (codebook) weights, computed once per evaluation.
-    - every ``stats_interval`` training iterations the hook logs the total
-      sparsity (``dgms_sparsity``). After each evaluation it logs the total
-      sparsity and bits (``dgms_sparsity``, ``dgms_bits``) and, unless
-      ``log_layer_table`` is False, the per-layer table.
-    - ``before_save_checkpoint``: stores the per-layer bit widths under
-      ``checkpoint['meta']['dgms']``.
+    - every ``stats_interval`` training iterations the hook puts four
+      totals into the message hub: ``dgms/sparsity``, ``dgms/avg_bits``
+      (bits per weight, weighted by the layers' number of weights),
+      ``dgms/temperature`` (mean over layers) and ``dgms/codebook_usage``
+      (fraction of components holding a weight). LoggerHook writes them to
+      the text log and to every backend of the visualizer's
+      ``vis_backends`` (e.g. TensorBoard). After each evaluation the same
+      totals go out as ``dgms_eval/*`` (at test time LoggerHook writes them
+      to the text log and the test JSON only). After the k-means
+      initialisation and each evaluation, each layer's sparsity,
+      temperature and codebook usage go to the visualizer backends (not
+      the text log) as ``dgms_layers/<layer>/<name>``. Unless
+      ``log_layer_table`` is False, the per-layer table is also logged as
+      text.
+    - ``before_save_checkpoint``: stores the per-layer bit widths, the
+      number of quantized weights, the average bits per weight and the
+      total sparsity under ``checkpoint['meta']['dgms']``.
 
     Args:
         bits (int): bits per weight, 1 to 8. Default: 4.
@@ -55,7 +84,10 @@ class DGMSHook(Hook):
             Default: ().
         skip_stem (bool): keep the backbone's first conv in full precision.
             Default: True.
-        layer_bits (dict, optional): pattern -> bits overrides.
+        layer_bits (dict, optional): module-name pattern -> bits for
+            mixed precision. The first pattern (in the order written) that
+            matches a layer sets its bits; see
+            :class:`~mmdgms.convert.DGMSConfig`. Default: None.
         init_temperature (float): starting temperature. Default: 0.01.
         learn_temperature (bool): train the temperature. Default: True.
         min_std (float): lower bound on standard deviations. Default: 1e-6.
@@ -133,19 +165,34 @@ class DGMSHook(Hook):
             self._rebuild_optimizer(runner)
 
     def _convert(self, runner, model) -> None:
-        layers = convert_model(model, self.dgms_cfg)
+        convert_model(model, self.dgms_cfg)
         setattr(model, CONVERTED_FLAG, True)
-        num_weights = sum(layer.weight.numel() for layer in layers.values())
+        widths = bit_width_stats(model)
+        per_width = ', '.join(
+            f'{bits} bits: {count}'
+            for bits, count in widths['layers_per_bits'].items())
         print_log(
-            f'DGMS: quantizing {len(layers)} conv layers '
-            f'({num_weights / 1e6:.2f} M weights) at '
-            f'{self.dgms_cfg.bits} bits', logger='current')
+            f'DGMS: quantizing {widths["layers"]} conv layers '
+            f'({widths["params"] / 1e6:.2f} M weights) at '
+            f'{widths["avg_bits"]:.3f} bits per weight on average '
+            f'(layers per bit width: {per_width})', logger='current')
 
         if is_model_wrapper(runner.model):
-            # The wrapper registered its gradient hooks for the parameters it
-            # saw; wrap again so the mixture parameters are synchronised too.
-            runner.model = runner.wrap_model(
-                runner.cfg.get('model_wrapper_cfg'), model)
+            self._wrap_again(runner, model)
+
+    @staticmethod
+    def _wrap_again(runner, model) -> None:
+        # The runner's wrapper registered its gradient hooks for the
+        # parameters it saw, so the mixture parameters need a new wrapper.
+        # The old reducer keeps its hooks on the weights that the DGMS layers
+        # took over until the old wrapper is garbage-collected. Removing them
+        # now means that no leftover reference to the old wrapper can make a
+        # backward pass start its all-reduce as well.
+        old = runner.model
+        if isinstance(old, DistributedDataParallel):
+            old._remove_autograd_hooks()
+        runner.model = runner.wrap_model(
+            copy.deepcopy(runner.cfg.get('model_wrapper_cfg')), model)
 
     def _rebuild_optimizer(self, runner) -> None:
         optim_cfg = runner.cfg.get('optim_wrapper')
@@ -217,7 +264,8 @@ class DGMSHook(Hook):
             f'DGMS: initialised {len(pending)} of {len(layers)} mixtures by '
             f'k-means from {source} in {elapsed:.2f} s',
             logger='current')
-        self._log_layers(runner, 'after initialisation', to_hub=None)
+        self._broadcast_mixtures(runner)
+        self._log_layers(runner, 'after initialisation', mode=None)
 
         frozen = [n for n, m in layers.items() if not m.weight.requires_grad]
         if frozen:
@@ -227,6 +275,17 @@ class DGMSHook(Hook):
                 'therefore with hard weights, so their mixtures are not '
                 'trained. Set the backbone\'s frozen_stages lower or exclude '
                 'those layers', logger='current', level=30)
+
+    def _broadcast_mixtures(self, runner) -> None:
+        # k-means on the same loaded weights gives the same mixtures on every
+        # rank, but the DDP wrapper synchronises only gradients after its
+        # construction, and no buffers. Copying rank 0's mixtures makes every
+        # rank start from the same state whatever it loaded.
+        if get_world_size() < 2:
+            return
+        for layer in dgms_layers(self._unwrap(runner)).values():
+            for tensor in layer.mixture.state_dict().values():
+                broadcast(tensor, src=0)
 
     def _check_initialized(self, runner) -> None:
         missing = [
@@ -262,38 +321,72 @@ class DGMSHook(Hook):
                 return hook.interval
         return 50
 
-    def _log_layers(self, runner, when: str, to_hub: Optional[str]) -> dict:
+    def _log_layers(self, runner, when: str, mode: Optional[str]) -> None:
         rows = layer_stats(self._unwrap(runner))
-        total = total_stats(rows)
-        if to_hub is not None:
-            runner.message_hub.update_scalar(f'{to_hub}/dgms_sparsity',
-                                             total['sparsity'])
-            runner.message_hub.update_scalar(f'{to_hub}/dgms_bits',
-                                             total['bits'])
+        if mode is not None:
+            self._update_totals(runner, f'{mode}/{EVAL_SCALAR_GROUP}', rows)
+        self._add_layer_scalars(runner, rows)
         if self.log_layer_table:
             print_log(f'DGMS layers {when}:\n{format_table(rows)}',
                       logger='current')
-        return total
+
+    @staticmethod
+    def _update_totals(runner, prefix: str, rows: list) -> None:
+        # LoggerHook takes these from the message hub into the text log and,
+        # when training or validating, into every visualizer backend.
+        if not rows:
+            return
+        total = total_stats(rows)
+        for key, stat in TOTAL_SCALARS.items():
+            runner.message_hub.update_scalar(f'{prefix}/{key}', total[stat])
+
+    def _add_layer_scalars(self, runner, rows: list) -> None:
+        # Per-layer values go to the visualizer backends only: one text log
+        # line holds every message hub scalar, and hundreds would drown it.
+        scalars = {
+            f'{LAYER_SCALAR_GROUP}/{row["name"]}/{key}': row[key]
+            for row in rows for key in LAYER_SCALARS
+        }
+        if scalars:
+            runner.visualizer.add_scalars(scalars,
+                                          step=self._evaluation_step(runner))
+
+    @staticmethod
+    def _evaluation_step(runner) -> int:
+        # The step that LoggerHook gives the evaluation metrics, so that the
+        # per-layer curves share the x axis of the mAP curves.
+        if isinstance(runner._train_loop, dict) or runner._train_loop is None:
+            return 0
+        by_epoch = any(
+            isinstance(hook, LoggerHook) and hook.log_metric_by_epoch
+            for hook in runner.hooks)
+        return runner.epoch if by_epoch else runner.iter
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
         if not self.every_n_train_iters(runner, self._interval(runner)):
             return
-        total = total_stats(layer_stats(self._unwrap(runner)))
-        runner.message_hub.update_scalar('train/dgms_sparsity',
-                                         total['sparsity'])
+        rows = layer_stats(self._unwrap(runner))
+        self._update_totals(runner, f'train/{TRAIN_SCALAR_GROUP}', rows)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        self._log_layers(runner, 'at validation (hard weights)', to_hub='val')
+        self._log_layers(runner, 'at validation (hard weights)', mode='val')
 
     def after_test_epoch(self, runner, metrics=None) -> None:
-        self._log_layers(runner, 'at test (hard weights)', to_hub='test')
+        self._log_layers(runner, 'at test (hard weights)', mode='test')
 
     # ------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        layers = dgms_layers(self._unwrap(runner))
-        checkpoint.setdefault('meta', {})[CHECKPOINT_META_KEY] = dict(
-            format_version=1,
-            layers={name: m.bits for name, m in layers.items()})
+        model = self._unwrap(runner)
+        layers = dgms_layers(model)
+        widths = bit_width_stats(model)
+        meta = dict(format_version=1,
+                    layers={name: m.bits for name, m in layers.items()},
+                    params=widths['params'],
+                    avg_bits=widths['avg_bits'])
+        rows = layer_stats(model)
+        if len(rows) == len(layers):
+            meta['sparsity'] = total_stats(rows)['sparsity']
+        checkpoint.setdefault('meta', {})[CHECKPOINT_META_KEY] = meta

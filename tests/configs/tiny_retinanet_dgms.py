@@ -12,3 +12,13 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4, eps=1e-12),
     paramwise_cfg=dict(
         custom_keys={'.mixture.': dict(lr_mult=10.0, decay_mult=0.0)}))
+# Both backends that the logging tests read back. Without a fixed name, each
+# runner gets its own visualizer (named after the run) writing to its own
+# work dir, instead of reusing the first one built in the process.
+visualizer = dict(
+    _delete_=True,
+    type='DetLocalVisualizer',
+    vis_backends=[
+        dict(type='LocalVisBackend'),
+        dict(type='TensorboardVisBackend')
+    ])

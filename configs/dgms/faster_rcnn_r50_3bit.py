@@ -1,0 +1,7 @@
+# Faster R-CNN R50-FPN fine-tuned with DGMS at 3 bits per weight on COCO: an
+# 8-entry codebook per quantized layer, one entry fixed at 0. Layer
+# selection, checkpoint and schedule are those of faster_rcnn_r50_4bit.py.
+_base_ = ['./faster_rcnn_r50_4bit.py']
+
+bits = 3
+custom_hooks = [dict(type='DGMSHook', bits=bits)]

@@ -1,0 +1,7 @@
+# RetinaNet R50-FPN fine-tuned with DGMS at 3 bits per weight on COCO: an
+# 8-entry codebook per quantized layer, one entry fixed at 0. Layer
+# selection, checkpoint and schedule are those of retinanet_r50_4bit.py.
+_base_ = ['./retinanet_r50_4bit.py']
+
+bits = 3
+custom_hooks = [dict(type='DGMSHook', bits=bits)]
