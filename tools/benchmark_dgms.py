@@ -7,7 +7,8 @@ batch 1:
 - ``fp``: the full-precision detector;
 - ``plain``: DGMS with plain autograd (every K x N intermediate kept for the
   backward pass, as a direct port of the published formulation does);
-- ``chunked``: DGMS with mmdgms' chunked autograd function (the default).
+- ``chunked``: DGMS with mmdgms' chunked torch implementation;
+- ``fused``: DGMS with mmdgms' compiled CPU kernels (the default).
 
 It also times the k-means initialisation of all quantized layers. Weights
 are randomly initialised: speed and memory do not depend on their values
@@ -20,6 +21,7 @@ Example:
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ DEFAULT_CONFIGS = [
     'configs/dgms/retinanet_r50_4bit.py',
     'configs/dgms/faster_rcnn_r50_4bit.py',
 ]
-VARIANTS = ('fp', 'plain', 'chunked')
+VARIANTS = ('fp', 'plain', 'chunked', 'fused')
 
 
 def parse_args():
@@ -41,8 +43,9 @@ def parse_args():
                         help='bit widths to measure')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
                         choices=VARIANTS, help='what to measure')
-    parser.add_argument('--steps', type=int, default=2,
-                        help='timed training steps after one warm-up step')
+    parser.add_argument('--steps', type=int, default=3,
+                        help='timed training steps after one warm-up step; '
+                        'the median is reported')
     parser.add_argument('--size', type=int, default=512,
                         help='input image side in pixels')
     parser.add_argument('--device', default='cpu',
@@ -138,7 +141,8 @@ def run_worker(spec: dict) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    result['step_seconds'] = min(times)
+    result['step_seconds'] = statistics.median(times)
+    result['all_step_seconds'] = times
     result['peak_bytes'] = peak_memory_bytes(device)
     result['baseline_bytes'] = baseline
     return result
@@ -194,7 +198,7 @@ def main():
             if 'error' in fp:
                 fp = None
         for bits in args.bits:
-            for variant in ('plain', 'chunked'):
+            for variant in VARIANTS[1:]:
                 if variant not in args.variants:
                     continue
                 r = measure(dict(config=config, bits=bits, variant=variant,

@@ -3,10 +3,10 @@
 #
 # Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
 # with its compiled ops, mmdet 3.3.0, pycocotools, pytest and this package
-# (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
-# once into a wheel cache (20-35 minutes on 2 cores) and installed from there
-# afterwards. A second run
-# with everything in place installs nothing.
+# (editable, with its compiled kernels; needs a C++ compiler). mmcv 2.1.0 is
+# published on PyPI only as source, so it is built once into a wheel cache
+# (20-35 minutes on 2 cores) and installed from there afterwards. A second
+# run with everything in place installs nothing.
 #
 # Environment variables:
 #   MMDGMS_VENV         where the virtual environment lives (default: .venv in
@@ -100,12 +100,16 @@ fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
   "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
-"${pip[@]}" install --no-deps -e "$repo_root"
+# setup.py compiles the fused DGMS kernels against the installed torch, so
+# the build must see this environment's torch (no build isolation).
+log "installing mmdgms (editable) and compiling its kernels"
+"${pip[@]}" install --no-deps --no-build-isolation -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
 import mmcv, mmdet, mmengine, torch
 from mmcv.ops import nms  # fails when mmcv was built without ops
 import pkg_resources  # mmengine needs it to resolve mmdet:: config paths
+from mmdgms.quant import _fused  # the compiled DGMS kernels
 print(f'[setup_env] torch {torch.__version__}, mmcv {mmcv.__version__} (ops), '
       f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}')
 PY

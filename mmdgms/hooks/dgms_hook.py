@@ -12,6 +12,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 
 from ..convert import DEFAULT_INCLUDE, DGMSConfig, convert_model, dgms_layers
+from ..ops import set_hard_weight_cache
 from ..stats import format_table, layer_stats, total_stats
 
 CHECKPOINT_META_KEY = 'dgms'
@@ -251,6 +252,15 @@ class DGMSHook(Hook):
     def before_test(self, runner) -> None:
         self._check_initialized(runner)
 
+    # Hard weights are computed once per evaluation: at the first forward
+    # after these calls, so weights swapped in by lower-priority hooks
+    # (EMAHook) are the ones quantized.
+    def before_val_epoch(self, runner) -> None:
+        set_hard_weight_cache(self._unwrap(runner), True)
+
+    def before_test_epoch(self, runner) -> None:
+        set_hard_weight_cache(self._unwrap(runner), True)
+
     # ------------------------------------------------------------------
     # logging
     # ------------------------------------------------------------------
@@ -284,9 +294,11 @@ class DGMSHook(Hook):
                                          total['sparsity'])
 
     def after_val_epoch(self, runner, metrics=None) -> None:
+        set_hard_weight_cache(self._unwrap(runner), False)
         self._log_layers(runner, 'at validation (hard weights)', to_hub='val')
 
     def after_test_epoch(self, runner, metrics=None) -> None:
+        set_hard_weight_cache(self._unwrap(runner), False)
         self._log_layers(runner, 'at test (hard weights)', to_hub='test')
 
     # ------------------------------------------------------------------
