@@ -13,6 +13,11 @@ reference as well.
 import copy
 import itertools
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mmdgms
 from mmdgms.ops import DGMSConv2d, hard_weight_cache
 from mmdgms.quant import (FusedSoftWeight, GaussianMixtureQuantizer,
                           SoftWeight, kmeans_1d)
@@ -222,9 +228,9 @@ def test_soft_weight_function_gradcheck():
 # The fused kernels against the plain formulation.
 
 FUSED_ISAS = load_fused_kernels().available_isas()
-# Block tails: one weight, one short of a 64-weight block, one block, one
+# Block tails: one weight, one short of a 256-weight block, one block, one
 # over, and several parallel tasks with a partial last block.
-KERNEL_SIZES = [1, 63, 64, 65, 20001]
+KERNEL_SIZES = [1, 255, 256, 257, 40001]
 
 
 def shifted_plain_soft_weights(w, means, log_coef, inv_two_var,
@@ -438,6 +444,30 @@ def test_fused_kernel_rejects_unknown_isa():
     with pytest.raises(RuntimeError, match="unknown instruction set 'sse9'"):
         load_fused_kernels().soft_weight_forward(weights, *terms, 100.0,
                                                  SOFTMAX_FLOOR, 'sse9')
+
+
+def test_missing_fused_build_is_reported(tmp_path):
+    # A copy of the package without the compiled module, as in a fresh clone
+    # before `pip install --no-build-isolation -e .`.
+    package = Path(mmdgms.__file__).parent
+    shutil.copytree(package, tmp_path / 'mmdgms',
+                    ignore=shutil.ignore_patterns('*.so', '__pycache__'))
+    script = ('import torch\n'
+              'from mmdgms.quant import GaussianMixtureQuantizer\n'
+              'mixture = GaussianMixtureQuantizer(bits=2)\n'
+              'weights = torch.randn(100)\n'
+              'mixture.init_from_weights(weights)\n'
+              'mixture.soft_weights(weights)\n')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+
+    proc = subprocess.run([sys.executable, '-c', script], env=env,
+                          cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+    assert proc.returncode != 0
+    assert 'the fused DGMS kernels (mmdgms.quant._fused) are not built' in (
+        proc.stderr)
+    assert 'setup.py build_ext --inplace' in proc.stderr
 
 
 def test_unknown_implementation_rejected():

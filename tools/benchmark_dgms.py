@@ -1,8 +1,9 @@
 """Benchmark a DGMS training step against full precision.
 
 For each detector config and bit width it measures, in a fresh process per
-variant, one training step (forward, loss, backward) on a 512x512 image,
-batch 1:
+variant, training steps (forward, loss, backward) on a 512x512 image,
+batch 1, and reports the median of ``--steps`` steps after one warm-up step,
+in wall time and in CPU time of the process (all threads):
 
 - ``fp``: the full-precision detector;
 - ``plain``: DGMS with plain autograd (every K x N intermediate kept for the
@@ -16,7 +17,7 @@ beyond the mixture statistics. Peak memory is the process's peak resident
 set on CPU (VmHWM) and ``torch.cuda.max_memory_allocated`` on a GPU.
 
 Example:
-    python tools/benchmark_dgms.py --bits 4 2 --steps 2
+    python tools/benchmark_dgms.py --bits 4 2 --steps 3
 """
 import argparse
 import json
@@ -50,6 +51,14 @@ def parse_args():
                         help='input image side in pixels')
     parser.add_argument('--device', default='cpu',
                         help="'cpu' or 'cuda'")
+    parser.add_argument('--threads', type=int,
+                        help='intra-op threads of each measured process '
+                        "(default: torch's default). With 1 thread the CPU "
+                        'time includes no OpenMP spin-waiting, so it stays '
+                        'meaningful on a machine shared with other jobs')
+    parser.add_argument('--profile', action='store_true',
+                        help='profile one more step of each variant and '
+                        'print the operators with the most CPU time')
     parser.add_argument('--out', help='also write the results as JSON here')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -91,6 +100,8 @@ def run_worker(spec: dict) -> dict:
     from mmdgms.convert import DGMSConfig, convert_model
 
     init_default_scope('mmdet')
+    if spec.get('threads'):
+        torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
     device = spec['device']
     cfg = Config.fromfile(str(REPO_ROOT / spec['config']))
@@ -101,11 +112,12 @@ def run_worker(spec: dict) -> dict:
     result = dict(spec)
     if spec['variant'] != 'fp':
         layers = convert_model(model, DGMSConfig(bits=spec['bits']))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for layer in layers.values():
             layer.mixture.init_from_weights(layer.weight)
             layer.mixture.implementation = spec['variant']
         result['init_seconds'] = time.perf_counter() - start
+        result['init_cpu_seconds'] = time.process_time() - cpu_start
         result['quantized_layers'] = len(layers)
         result['quantized_weights'] = sum(
             layer.weight.numel() for layer in layers.values())
@@ -136,16 +148,35 @@ def run_worker(spec: dict) -> dict:
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     baseline = current_memory_bytes(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(spec['steps']):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     result['step_seconds'] = statistics.median(times)
     result['all_step_seconds'] = times
+    # CPU time of all threads of this process: less affected than wall time
+    # by other processes on a shared machine.
+    result['step_cpu_seconds'] = statistics.median(cpu_times)
     result['peak_bytes'] = peak_memory_bytes(device)
     result['baseline_bytes'] = baseline
+    if spec.get('profile'):
+        result['profile'] = profile_step(step)
     return result
+
+
+def profile_step(step, top: int = 6) -> list:
+    """Run ``step`` under torch.profiler; return the ``top`` operators and
+    named ranges by self CPU time as (name, seconds), and the total."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
+    rows = [(e.key, e.self_cpu_time_total / 1e6) for e in events[:top]]
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    return rows + [('total', total)]
 
 
 def measure(spec: dict) -> dict:
@@ -163,12 +194,23 @@ def format_row(r: dict, fp: dict) -> str:
     name = Path(r['config']).stem
     if 'error' in r:
         return f'{name:<28} {r["bits"]:>4} {r["variant"]:<8} failed: {r["error"]}'
-    ratio_t = r['step_seconds'] / fp['step_seconds'] if fp else float('nan')
-    ratio_m = r['peak_bytes'] / fp['peak_bytes'] if fp else float('nan')
-    init = f'{r["init_seconds"]:.2f}' if 'init_seconds' in r else '-'
-    return (f'{name:<28} {r["bits"]:>4} {r["variant"]:<8} '
-            f'{r["step_seconds"]:>8.2f} {ratio_t:>6.2f}x '
-            f'{r["peak_bytes"] / 2**30:>8.2f} {ratio_m:>6.2f}x {init:>8}')
+
+    def ratio(key):
+        return r[key] / fp[key] if fp else float('nan')
+
+    init = (f'{r["init_seconds"]:.2f}/{r["init_cpu_seconds"]:.2f}'
+            if 'init_seconds' in r else '-')
+    return (f'{name:<22} {r["bits"]:>4} {r["variant"]:<8} '
+            f'{r["step_seconds"]:>7.2f} {ratio("step_seconds"):>6.2f}x '
+            f'{r["step_cpu_seconds"]:>7.2f} '
+            f'{ratio("step_cpu_seconds"):>6.2f}x '
+            f'{r["peak_bytes"] / 2**30:>8.2f} {ratio("peak_bytes"):>6.2f}x '
+            f'{init:>11}')
+
+
+def print_profile(r: dict) -> None:
+    for name, seconds in r.get('profile', []):
+        print(f'    {name:<40} {seconds:>7.3f} s self CPU', flush=True)
 
 
 def main():
@@ -178,11 +220,17 @@ def main():
         return
 
     import torch
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'device {args.device}, image {args.size}x{args.size}, batch 1',
-          flush=True)
-    header = (f'{"config":<28} {"bits":>4} {"variant":<8} {"step s":>8} '
-              f'{"vs FP":>7} {"peak GiB":>8} {"vs FP":>7} {"init s":>8}')
+
+    from mmdgms.quant.functional import load_fused_kernels
+    isas = load_fused_kernels().available_isas()
+    threads = args.threads or torch.get_num_threads()
+    print(f'torch {torch.__version__}, {threads} threads, '
+          f'device {args.device}, image {args.size}x{args.size}, batch 1, '
+          f'fused kernels: {isas[0]}, {args.steps} timed steps (median), '
+          f'load average {os.getloadavg()[0]:.1f} at start', flush=True)
+    header = (f'{"config":<22} {"bits":>4} {"variant":<8} {"step s":>7} '
+              f'{"vs FP":>7} {"CPU s":>7} {"vs FP":>7} {"peak GiB":>8} '
+              f'{"vs FP":>7} {"init s/CPU s":>11}')
     print(header)
     print('-' * len(header), flush=True)
 
@@ -192,9 +240,11 @@ def main():
         if 'fp' in args.variants:
             fp = measure(dict(config=config, bits=32, variant='fp',
                               steps=args.steps, size=args.size,
-                              device=args.device))
+                              device=args.device, threads=args.threads,
+                              profile=args.profile))
             results.append(fp)
             print(format_row(fp, fp), flush=True)
+            print_profile(fp)
             if 'error' in fp:
                 fp = None
         for bits in args.bits:
@@ -203,13 +253,18 @@ def main():
                     continue
                 r = measure(dict(config=config, bits=bits, variant=variant,
                                  steps=args.steps, size=args.size,
-                                 device=args.device))
+                                 device=args.device, threads=args.threads,
+                              profile=args.profile))
                 results.append(r)
                 print(format_row(r, fp), flush=True)
+                print_profile(r)
 
+    print(f'load average {os.getloadavg()[0]:.1f} at end', flush=True)
     if args.out:
-        with open(args.out, 'w') as f:
+        partial = f'{args.out}.partial'
+        with open(partial, 'w') as f:
             json.dump(results, f, indent=2)
+        os.replace(partial, args.out)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,7 @@ the backward pass, where the gradients have closed forms (derived in
 :meth:`SoftWeight.backward`):
 
 - :class:`FusedSoftWeight` (CPU) calls the compiled kernels of
-  ``csrc/soft_weight.cpp``, which compute everything per block of 64
+  ``csrc/soft_weight.cpp``, which compute everything per block of 256
   weights in one vectorised loop nest;
 - :class:`SoftWeight` (any device) walks the weights in chunks with torch
   operations.
@@ -244,16 +244,20 @@ class FusedSoftWeight(torch.autograd.Function):
         ctx.save_for_backward(w, *terms)
         ctx.inv_tau = inv_tau
         ctx.isa = isa
-        return kernels.soft_weight_forward(w, *terms, inv_tau,
-                                           softmax_floor(w.dtype), isa)
+        # Named ranges, so torch.profiler (and tools/benchmark_dgms.py
+        # --profile) can tell the quantizer's time apart.
+        with torch.profiler.record_function('dgms_soft_weight_forward'):
+            return kernels.soft_weight_forward(w, *terms, inv_tau,
+                                               softmax_floor(w.dtype), isa)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         w, means, log_coef, inv_two_var = ctx.saved_tensors
         need_w = ctx.needs_input_grad[0]
-        grad_w, sums = load_fused_kernels().soft_weight_backward(
-            w, grad_out.contiguous(), means, log_coef, inv_two_var,
-            ctx.inv_tau, softmax_floor(w.dtype), need_w, ctx.isa)
+        with torch.profiler.record_function('dgms_soft_weight_backward'):
+            grad_w, sums = load_fused_kernels().soft_weight_backward(
+                w, grad_out.contiguous(), means, log_coef, inv_two_var,
+                ctx.inv_tau, softmax_floor(w.dtype), need_w, ctx.isa)
         grads = mixture_gradients(sums, means, inv_two_var, ctx.inv_tau)
         return (grad_w if need_w else None, ) + grads + (None, )
 
