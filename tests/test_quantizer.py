@@ -752,10 +752,18 @@ def _assign_weight_data(layer):
     layer.weight.data = layer.weight.detach() * 1.1
 
 
+def _replace_weight_after_free(layer):
+    # The old Parameter is dropped before the new one is made, so without a
+    # reference from the cache its id and storage could be reused.
+    shape = layer.weight.shape
+    del layer.weight
+    layer.weight = nn.Parameter(torch.randn(shape))
+
+
 @pytest.mark.parametrize('change', [
     _add_to_means_no_grad, _scale_weight_no_grad, _shift_log_stds_no_grad,
     _shift_mix_logits_no_grad, _optimizer_step, _load_shifted_state_dict,
-    _replace_weight_parameter, _assign_weight_data
+    _replace_weight_parameter, _assign_weight_data, _replace_weight_after_free
 ])
 def test_dgms_conv_cache_invalidated(change):
     layer = make_dgms_conv()
@@ -773,8 +781,8 @@ def test_dgms_conv_cache_invalidated(change):
 
 
 def test_dgms_conv_cache_cleared_after_data_edit():
-    # In-place edits through .data bypass the version counter; the cache
-    # contract asks for clear_hard_weight_cache() after them.
+    # In-place edits through .data bypass the version counter, so the cache
+    # contract requires clear_hard_weight_cache() after them.
     layer = make_dgms_conv()
     layer.eval()
     layer.enable_hard_weight_cache()

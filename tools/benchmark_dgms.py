@@ -20,6 +20,7 @@ Example:
     python tools/benchmark_dgms.py --bits 4 2 --steps 3
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -56,6 +57,11 @@ def parse_args():
                         "(default: torch's default). With 1 thread the CPU "
                         'time includes no OpenMP spin-waiting, so it stays '
                         'meaningful on a machine shared with other jobs')
+    parser.add_argument('--paired', action='store_true',
+                        help='also time each DGMS variant alternately with '
+                        'a full-precision copy of the model in the same '
+                        'process and print the median per-pair ratios '
+                        '(peak memory then includes both models)')
     parser.add_argument('--profile', action='store_true',
                         help='profile one more step of each variant and '
                         'print the operators with the most CPU time')
@@ -110,6 +116,8 @@ def run_worker(spec: dict) -> dict:
     model.init_weights()
 
     result = dict(spec)
+    paired = spec.get('paired') and spec['variant'] != 'fp'
+    fp_model = copy.deepcopy(model).to(device).train() if paired else None
     if spec['variant'] != 'fp':
         layers = convert_model(model, DGMSConfig(bits=spec['bits']))
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -133,9 +141,9 @@ def run_worker(spec: dict) -> dict:
                              [260.0, 100.0, 420.0, 380.0]], device=device),
         labels=torch.tensor([0, 1], device=device))
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        losses = model.loss(image, [sample])
+    def step(net=model):
+        net.zero_grad(set_to_none=True)
+        losses = net.loss(image, [sample])
         total = sum(
             value.sum() if torch.is_tensor(value) else sum(v.sum()
                                                            for v in value)
@@ -161,9 +169,33 @@ def run_worker(spec: dict) -> dict:
     result['step_cpu_seconds'] = statistics.median(cpu_times)
     result['peak_bytes'] = peak_memory_bytes(device)
     result['baseline_bytes'] = baseline
+    if paired:
+        result.update(paired_ratios(step, fp_model, model, spec['steps']))
     if spec.get('profile'):
-        result['profile'] = profile_step(step)
+        result['profile_rows'] = profile_step(step)
     return result
+
+
+def paired_ratios(step, fp_model, dgms_model, steps: int) -> dict:
+    """Time full-precision and DGMS steps alternately in one process.
+
+    Both models see the same load from other processes, so on a shared
+    machine the median of the per-pair ratios varies less than the ratio of
+    two medians measured in different processes.
+    """
+    step(fp_model)  # warm-up
+    wall, cpu = [], []
+    for _ in range(steps):
+        pair = []
+        for net in (fp_model, dgms_model):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(net)
+            pair.append((time.perf_counter() - start,
+                         time.process_time() - cpu_start))
+        wall.append(pair[1][0] / pair[0][0])
+        cpu.append(pair[1][1] / pair[0][1])
+    return dict(paired_wall_ratio=statistics.median(wall),
+                paired_cpu_ratio=statistics.median(cpu))
 
 
 def profile_step(step, top: int = 6) -> list:
@@ -208,8 +240,15 @@ def format_row(r: dict, fp: dict) -> str:
             f'{init:>11}')
 
 
+def print_paired(r: dict) -> None:
+    if 'paired_cpu_ratio' in r:
+        print(f'    paired with FP in one process: wall '
+              f'{r["paired_wall_ratio"]:.2f}x, CPU '
+              f'{r["paired_cpu_ratio"]:.2f}x', flush=True)
+
+
 def print_profile(r: dict) -> None:
-    for name, seconds in r.get('profile', []):
+    for name, seconds in r.get('profile_rows', []):
         print(f'    {name:<40} {seconds:>7.3f} s self CPU', flush=True)
 
 
@@ -241,7 +280,7 @@ def main():
             fp = measure(dict(config=config, bits=32, variant='fp',
                               steps=args.steps, size=args.size,
                               device=args.device, threads=args.threads,
-                              profile=args.profile))
+                              profile=args.profile, paired=args.paired))
             results.append(fp)
             print(format_row(fp, fp), flush=True)
             print_profile(fp)
@@ -254,9 +293,10 @@ def main():
                 r = measure(dict(config=config, bits=bits, variant=variant,
                                  steps=args.steps, size=args.size,
                                  device=args.device, threads=args.threads,
-                              profile=args.profile))
+                              profile=args.profile, paired=args.paired))
                 results.append(r)
                 print(format_row(r, fp), flush=True)
+                print_paired(r)
                 print_profile(r)
 
     print(f'load average {os.getloadavg()[0]:.1f} at end', flush=True)

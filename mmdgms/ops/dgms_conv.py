@@ -70,7 +70,7 @@ class DGMSConv2d(nn.Conv2d):
             min_std=min_std,
             min_temperature=min_temperature)
         self.hard_weight_cache_enabled = False
-        self._hard_cache: Optional[Tuple[tuple, Tensor]] = None
+        self._hard_cache: Optional[Tuple[tuple, tuple, Tensor]] = None
         self.layer_name = 'DGMSConv2d'
 
     @property
@@ -106,19 +106,30 @@ class DGMSConv2d(nn.Conv2d):
         layer.train(conv.training)
         return layer
 
-    def _cache_key(self) -> tuple:
-        # O(1) per tensor: the identity, storage and version counter of each
-        # source catch replaced Parameters, ``.data`` reassignment, dtype or
-        # device moves, load_state_dict and in-place edits through the
-        # Parameter (with or without grad).
+    def _cache_sources(self) -> tuple:
+        return (self.weight, self.mixture.means, self.mixture.log_stds,
+                self.mixture.mix_logits)
+
+    @staticmethod
+    def _fingerprint(tensor: Tensor) -> tuple:
+        return (tensor.data_ptr(), tensor._version, tensor.dtype,
+                tensor.device, tensor.shape)
+
+    def _cache_matches(self) -> bool:
+        # O(1) per tensor. The cache holds the source tensors themselves, so
+        # a replaced Parameter cannot be freed and its id or storage reused.
+        # Storage pointer and version counter catch ``.data`` reassignment,
+        # dtype or device moves, load_state_dict and in-place edits through
+        # the Parameter (with or without grad).
         # NOTE: in-place edits through ``.data`` (``p.data.add_(...)``) get a
-        # fresh version counter and are not seen; whoever edits weights that
-        # way while the cache is enabled must call clear_hard_weight_cache().
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device,
-                      t.shape)
-                     for t in (self.weight, self.mixture.means,
-                               self.mixture.log_stds,
-                               self.mixture.mix_logits))
+        # fresh version counter and are not seen. Code that edits weights
+        # that way while the cache is enabled must call
+        # clear_hard_weight_cache().
+        sources, fingerprints, _ = self._hard_cache
+        return all(
+            cached is live and fingerprint == self._fingerprint(live)
+            for cached, fingerprint, live in zip(
+                sources, fingerprints, self._cache_sources()))
 
     def enable_hard_weight_cache(self) -> None:
         """Reuse the hard weights across evaluation forwards.
@@ -153,10 +164,12 @@ class DGMSConv2d(nn.Conv2d):
 
         if not self.hard_weight_cache_enabled:
             return self.mixture.hard_weights(self.weight)
-        key = self._cache_key()
-        if self._hard_cache is None or self._hard_cache[0] != key:
-            self._hard_cache = (key, self.mixture.hard_weights(self.weight))
-        return self._hard_cache[1]
+        if self._hard_cache is None or not self._cache_matches():
+            sources = self._cache_sources()
+            fingerprints = tuple(self._fingerprint(t) for t in sources)
+            self._hard_cache = (sources, fingerprints,
+                                self.mixture.hard_weights(self.weight))
+        return self._hard_cache[2]
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)

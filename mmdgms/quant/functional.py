@@ -228,7 +228,7 @@ class FusedSoftWeight(torch.autograd.Function):
     the instruction set of the float32 kernels ('avx512', 'avx2',
     'baseline'; '' picks the best one this CPU has, and float64 always uses
     'baseline'). The forward pass keeps only its inputs for the backward
-    pass (no N-sized or K x N tensor); the backward pass recomputes the
+    pass, no N-sized or K x N tensor, so the backward pass recomputes the
     responsibilities block by block.
     """
 

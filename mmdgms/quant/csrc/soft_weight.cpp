@@ -136,8 +136,8 @@ DGMS_INLINE void first_softmax(const T* w, const Mixture<T>& m, T* e, T* s1,
   for (int64_t j = 0; j < kBlock; ++j) scale[j] = m.inv_tau / s1[j];
 }
 
-// Fills q (K x kBlock) with the floored exp((e - 1) scale), and per weight
-// s2 = sum q and num = sum q (mu - mu_top).
+// Sums, per weight, the floored q = exp((e - 1) scale) into s2 = sum q and
+// num = sum q (mu - mu_top).
 //
 // The soft weight is then y = mu_top + num / s2, not sum q mu / s2: the
 // component of mu_top has q = 1, the largest, so with a nearly one-hot r
@@ -147,7 +147,7 @@ DGMS_INLINE void first_softmax(const T* w, const Mixture<T>& m, T* e, T* s1,
 // float64 at tau = 1e-4).
 template <typename T>
 DGMS_INLINE void second_softmax(const T* e, const T* scale, const T* mu_top,
-                                const Mixture<T>& m, T* q, T* s2, T* num) {
+                                const Mixture<T>& m, T* s2, T* num) {
   for (int64_t j = 0; j < kBlock; ++j) {
     s2[j] = T(0);
     num[j] = T(0);
@@ -155,22 +155,20 @@ DGMS_INLINE void second_softmax(const T* e, const T* scale, const T* mu_top,
   for (int64_t k = 0; k < m.k; ++k) {
     const T mu = m.means[k];
     const T* ek = e + k * kBlock;
-    T* qk = q + k * kBlock;
 #pragma omp simd
     for (int64_t j = 0; j < kBlock; ++j) {
       T x = (ek[j] - T(1)) * scale[j];
       T v = exp_nonpositive(x);
       v = x < m.floor ? T(0) : v;
-      qk[j] = v;
       s2[j] += v;
       num[j] += v * (mu - mu_top[j]);
     }
   }
 }
 
-// second_softmax for the backward pass: it also sums e q and
-// e q (mu - mu_top) per weight, from which row_dot = sum_k g_k dz_k follows
-// before any dz_k is known.
+// second_softmax for the backward pass: it also stores q (K x kBlock) and
+// sums e q and e q (mu - mu_top) per weight, from which
+// row_dot = sum_k g_k dz_k follows before any dz_k is known.
 template <typename T>
 DGMS_INLINE void second_softmax_products(const T* e, const T* scale,
                                          const T* mu_top, const Mixture<T>& m,
@@ -214,12 +212,11 @@ DGMS_INLINE int64_t block_size(int64_t block, int64_t n) {
   return rest < kBlock ? rest : kBlock;
 }
 
-// Soft weights of blocks [b0, b1). scratch: 2 K kBlock values.
+// Soft weights of blocks [b0, b1). scratch: K kBlock values.
 template <typename T>
 DGMS_INLINE void forward_blocks(const T* w, int64_t n, const Mixture<T>& m,
                                 int64_t b0, int64_t b1, T* scratch, T* out) {
   T* e = scratch;
-  T* q = scratch + m.k * kBlock;
   T wb[kBlock], s1[kBlock], scale[kBlock], mu_top[kBlock], s2[kBlock],
       num[kBlock];
   // Results below the smallest normal float32 are set to 0: they would
@@ -230,7 +227,7 @@ DGMS_INLINE void forward_blocks(const T* w, int64_t n, const Mixture<T>& m,
     const int64_t count = block_size(b, n);
     load_block(w + start, count, wb);
     first_softmax(wb, m, e, s1, scale, mu_top);
-    second_softmax(e, scale, mu_top, m, q, s2, num);
+    second_softmax(e, scale, mu_top, m, s2, num);
     for (int64_t j = 0; j < count; ++j) {
       T y = mu_top[j] + num[j] / s2[j];
       out[start + j] = std::abs(y) < smallest_normal ? T(0) : y;
@@ -511,7 +508,7 @@ at::Tensor soft_weight_forward(const at::Tensor& w, const at::Tensor& means,
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_blocks(n), blocks_per_task(m.k),
                      [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> scratch(2 * m.k * kBlock);
+      std::vector<scalar_t> scratch(m.k * kBlock);
       kernels.forward(w_ptr, n, m, b0, b1, scratch.data(), out_ptr);
     });
   });
