@@ -38,10 +38,12 @@ pick_python() {
   echo python3
 }
 
-# Stamp: the pinned versions and this script's content. When it matches, the
-# environment is complete and nothing is installed again.
+# Stamp: the pinned versions, this script, setup.py and the C++ sources of
+# the compiled kernels. When it matches, the environment is complete and
+# nothing is installed or compiled again.
 stamp_file=$venv/.mmdgms-env-stamp
-stamp=$(cat "${BASH_SOURCE[0]}" "$repo_root/setup.py" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "${BASH_SOURCE[0]}" "$repo_root/setup.py" \
+  "$repo_root"/mmdgms/quant/csrc/*.cpp | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" && -x $venv/bin/python ]]; then
   log "environment $venv is up to date"
   exit 0
