@@ -4,10 +4,20 @@ The soft weights are checked against a plain autograd re-derivation of the
 DGMS formulas, written in this file: densities
 pi_k N(w | mu_k, sigma_k), normalised into responsibilities g, the indicator
 r = softmax(g / tau) and the soft weight sum_k r_k mu_k, all in float64.
+Where densities underflow or overflow (collapsed components), the reference
+is ``plain_soft_weights``, the log-domain formulation with plain autograd,
+also in float64. The default implementation is the fused CPU kernel; its
+float32 variants (one per instruction set) are checked against the float64
+reference as well.
 """
 import copy
 import itertools
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdgms.ops import DGMSConv2d
-from mmdgms.quant import GaussianMixtureQuantizer, SoftWeight, kmeans_1d
+import mmdgms
+from mmdgms.ops import DGMSConv2d, hard_weight_cache
+from mmdgms.quant import (FusedSoftWeight, GaussianMixtureQuantizer,
+                          SoftWeight, kmeans_1d)
 from mmdgms.quant.functional import (SMALLEST_NORMAL, SOFTMAX_FLOOR,
-                                     component_logits)
+                                     component_logits, load_fused_kernels,
+                                     plain_soft_weights, softmax_floor)
 
 ALL_BITS = list(range(1, 9))
 TEMPERATURES = [1e-3, 1e-2, 1.0, 10.0]
@@ -105,17 +118,17 @@ def assert_all_finite(tensor, description):
 def clipping_bound(mixture) -> float:
     """Return the largest deviation the library allows itself on purpose.
 
-    Its softmaxes set entries more than -SOFTMAX_FLOOR below the row
-    maximum to 0, which moves each probability by at most
-    K * exp(SOFTMAX_FLOOR). Through g / tau that reaches the soft weight
-    amplified by at most 1 / tau. Values below the smallest normal float32
-    are also flushed to 0.
+    Its softmaxes set entries more than -floor below the row maximum to 0
+    (floor = softmax_floor(dtype)), which moves each probability by at most
+    K * exp(floor). Through g / tau that reaches the soft weight amplified by
+    at most 1 / tau. Values below the smallest normal float32 are also
+    flushed to 0.
     """
     k = mixture.num_components
+    floor = softmax_floor(mixture.means.dtype)
     scale = float(mixture.codebook().detach().abs().max())
-    amplification = 2.0 + 2.0 / float(mixture.temperature)
-    return (amplification * k * math.exp(SOFTMAX_FLOOR) * scale +
-            SMALLEST_NORMAL)
+    amplification = 2.0 + 2.0 / float(mixture.temperature.detach())
+    return (amplification * k * math.exp(floor) * scale + SMALLEST_NORMAL)
 
 
 @pytest.mark.parametrize('temperature', TEMPERATURES)
@@ -207,6 +220,263 @@ def test_soft_weight_function_gradcheck():
     assert torch.autograd.gradcheck(
         SoftWeight.apply,
         (weights, means, log_coef, inv_two_var, temperature))
+    assert torch.autograd.gradcheck(
+        FusedSoftWeight.apply,
+        (weights, means, log_coef, inv_two_var, temperature))
+
+
+# The fused kernels against the plain formulation.
+
+FUSED_ISAS = load_fused_kernels().available_isas()
+# Block tails: one weight, one short of a 256-weight block, one block, one
+# over, and several parallel tasks with a partial last block.
+KERNEL_SIZES = [1, 255, 256, 257, 40001]
+
+
+def shifted_plain_soft_weights(w, means, log_coef, inv_two_var,
+                               temperature):
+    """Return plain_soft_weights as mu_top + sum_k r_k (mu_k - mu_top).
+
+    mu_top is the mean of each weight's most responsible component, so the
+    function and its exact gradients are those of plain_soft_weights.
+    Written as sum_k r_k mu_k, float64 autograd loses up to 1e-3 relative
+    of the gradients at tau = 1e-4 to cancellation in mu_k - y, where r is
+    one-hot to within 1e-12 (and 14 % of the temperature gradient, which
+    only such weights produce); test_shifted_reference_matches_mpmath
+    checks this form against 50-digit arithmetic.
+    """
+    logits = component_logits(w, means, log_coef, inv_two_var)
+    mu_top = means[logits.argmax(dim=1)]
+    resp = torch.softmax(logits, dim=1)
+    indicator = torch.softmax(resp / temperature, dim=1)
+    offsets = means[None, :] - mu_top[:, None]
+    return mu_top + (indicator * offsets).sum(dim=1)
+
+
+def plain_and_fused(weights, mixture, upstream, isa=''):
+    """Return (plain, fused) results of soft_weights_and_grads; plain is
+    the shifted plain formulation."""
+
+    def plain(w, m):
+        return shifted_plain_soft_weights(w, *m.mixture_terms(),
+                                          m.temperature)
+
+    def fused(w, m):
+        return FusedSoftWeight.apply(w, *m.mixture_terms(), m.temperature,
+                                     isa)
+
+    return (soft_weights_and_grads(plain, weights, mixture, upstream),
+            soft_weights_and_grads(fused, weights, mixture, upstream))
+
+
+def assert_matches_plain(plain_result, fused_result, mixture, atol=0.0):
+    """Check the forward within 1e-5 relative (plus ``atol`` and the
+    deliberate clipping) and every gradient within GRAD_RTOL relative."""
+    (expected, expected_grads), (actual, actual_grads) = (plain_result,
+                                                          fused_result)
+    assert_all_finite(expected, 'plain soft weights')
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5,
+                               atol=atol + clipping_bound(mixture))
+    for name, expected_grad in expected_grads.items():
+        assert_all_finite(expected_grad, f'plain gradient of {name}')
+        error = relative_error(actual_grads[name].double(), expected_grad)
+        assert error < GRAD_RTOL, (
+            f'gradient of {name}: relative error {error}')
+
+
+def mpmath_soft_weight(mpmath, w, means, log_coef, inv_two_var, tau):
+    """Return sum_k r_k mu_k for one weight in mpmath arithmetic."""
+    logits = [c - a * (w - mu)**2
+              for mu, c, a in zip(means, log_coef, inv_two_var)]
+    top = max(logits)
+    dens = [mpmath.exp(x - top) for x in logits]
+    total = sum(dens)
+    exps = [mpmath.exp((d / total - 1 / total) / tau) for d in dens]
+    return sum(q * mu for q, mu in zip(exps, means)) / sum(exps)
+
+
+@pytest.mark.parametrize('compute', ['shifted_plain', 'fused'])
+def test_shifted_reference_matches_mpmath(compute):
+    # Weights from 1e-7 to 1e-3 away from every decision boundary at
+    # tau = 1e-4, where r switches between components within about 1e-5:
+    # the hardest case for float64. The gradients span 1e4 down to 1e-258;
+    # each one is checked to 1e-9 relative unless it lies 1e30 below the
+    # largest (where the softmax floor sets terms to 0). Written as
+    # sum_k r_k mu_k, plain_soft_weights misses some by 3e-5 to 0.5.
+    import mpmath
+    mpmath.mp.dps = 50
+    mixture = fitted_mixture(2, make_weights(3000, seed=22), 1e-4)
+    terms = [t.detach() for t in mixture.mixture_terms()]
+    grid = torch.linspace(-0.2, 0.2, 400001, dtype=torch.float64)
+    top = component_logits(grid, *terms).argmax(dim=1)
+    edges = grid[1:][top[1:] != top[:-1]]
+    assert len(edges) >= 2
+    distances = torch.logspace(-7, -3, 13, dtype=torch.float64)
+    offsets = torch.cat([-distances, torch.zeros(1, dtype=torch.float64),
+                         distances])
+    weights = (edges[:, None] + offsets[None, :]).reshape(-1)
+    upstream = make_weights(len(weights), seed=23, std=1.0)
+    function = dict(shifted_plain=shifted_plain_soft_weights,
+                    fused=FusedSoftWeight.apply)[compute]
+
+    def library(w, m):
+        return function(w, *m.mixture_terms(), m.temperature)
+
+    actual, grads = soft_weights_and_grads(library, weights, mixture,
+                                           upstream)
+
+    means, log_coef, inv_two_var = [[mpmath.mpf(float(x)) for x in t]
+                                    for t in terms]
+    tau = mpmath.mpf(float(mixture.temperature.detach()))
+    expected, expected_grad_w, expected_grad_log_tau = [], [], 0
+    for w, dy in zip(weights.tolist(), upstream.tolist()):
+        expected.append(float(mpmath_soft_weight(
+            mpmath, mpmath.mpf(w), means, log_coef, inv_two_var, tau)))
+        expected_grad_w.append(dy * float(mpmath.diff(
+            lambda x: mpmath_soft_weight(mpmath, x, means, log_coef,
+                                         inv_two_var, tau), mpmath.mpf(w))))
+        expected_grad_log_tau += dy * tau * mpmath.diff(
+            lambda t: mpmath_soft_weight(mpmath, mpmath.mpf(w), means,
+                                         log_coef, inv_two_var, t), tau)
+
+    torch.testing.assert_close(actual, torch.tensor(expected,
+                                                    dtype=torch.float64),
+                               rtol=1e-9, atol=1e-15)
+    expected_grad_w = torch.tensor(expected_grad_w, dtype=torch.float64)
+    torch.testing.assert_close(
+        grads['weights'], expected_grad_w, rtol=1e-9,
+        atol=1e-30 * float(expected_grad_w.abs().max()))
+    expected_log_tau = float(expected_grad_log_tau)
+    assert grads['log_temperature'].item() == pytest.approx(
+        expected_log_tau, rel=1e-9)
+
+
+@pytest.mark.parametrize('temperature', [1e-4, 1e-3, 1.0, 100.0])
+@pytest.mark.parametrize('bits', ALL_BITS)
+def test_fused_matches_plain_float64(bits, temperature):
+    # tau = 1e-4 is the lowest temperature the mixture allows.
+    weights = make_weights(3000, seed=20 + bits)
+    mixture = fitted_mixture(bits, weights, temperature)
+    upstream = make_weights(3000, seed=40 + bits, std=1.0)
+
+    plain_result, fused_result = plain_and_fused(weights, mixture, upstream)
+
+    assert fused_result[0].dtype == torch.float64
+    assert_matches_plain(plain_result, fused_result, mixture)
+
+
+def collapse_components(mixture, weights):
+    """Give components 1 and 2 one mean and component 1 the minimum std.
+
+    Some weights are set exactly to the shared mean, so the collapsed
+    component's log-density there is about 14 above every other one.
+    """
+    with torch.no_grad():
+        mixture.means[1] = mixture.means[0]
+        mixture.log_stds[1] = math.log(mixture.min_std)
+        weights[::50] = mixture.means[0]
+
+
+@pytest.mark.parametrize('temperature', [1e-4, 1e-2, 1.0, 100.0])
+@pytest.mark.parametrize('bits', [2, 4, 8])
+def test_fused_matches_plain_collapsed_components(bits, temperature):
+    weights = make_weights(2000, seed=60 + bits)
+    mixture = fitted_mixture(bits, weights, temperature)
+    collapse_components(mixture, weights)
+    upstream = make_weights(2000, seed=70 + bits, std=1.0)
+
+    plain_result, fused_result = plain_and_fused(weights, mixture, upstream)
+
+    assert_matches_plain(plain_result, fused_result, mixture)
+
+
+@pytest.mark.parametrize('size', KERNEL_SIZES)
+@pytest.mark.parametrize('isa', FUSED_ISAS)
+def test_fused_float32_variants_match_plain_float64(isa, size):
+    # The float64 reference gets the same float32-rounded inputs, so only
+    # the kernel's float32 arithmetic differs. At tau = 1 its rounding
+    # (6e-8 relative per operation) stays far below the tolerances; at lower
+    # temperatures g / tau amplifies it by 1 / tau (see
+    # test_soft_weights_float32_close_to_reference). sum_k r_k mu_k cancels
+    # where weights sit between means of opposite sign, so the forward check
+    # also allows 1e-6 of the largest mean in absolute terms.
+    weights = make_weights(size, seed=size, dtype=torch.float32)
+    upstream = make_weights(size, seed=size + 1, std=1.0,
+                            dtype=torch.float32)
+    mixture32 = fitted_mixture(4, make_weights(4096, seed=1), 1.0).float()
+    mixture64 = copy.deepcopy(mixture32).double()
+
+    plain_result, _ = plain_and_fused(weights.double(), mixture64,
+                                      upstream.double())
+    _, fused_result = plain_and_fused(weights, mixture32, upstream, isa=isa)
+
+    assert fused_result[0].dtype == torch.float32
+    scale = float(mixture64.codebook().detach().abs().max())
+    assert_matches_plain(plain_result, fused_result, mixture64,
+                         atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize('isa', FUSED_ISAS)
+def test_fused_float32_variants_agree(isa):
+    # Every instruction set computes the same float32 operations; only FMA
+    # contraction and the order of sums differ.
+    weights = make_weights(5000, seed=5, dtype=torch.float32)
+    mixture = fitted_mixture(4, weights.double(), 0.01).float()
+    terms = [t.detach() for t in mixture.mixture_terms()]
+    kernels = load_fused_kernels()
+
+    reference = kernels.soft_weight_forward(weights, *terms, 100.0,
+                                            SOFTMAX_FLOOR, 'baseline')
+    actual = kernels.soft_weight_forward(weights, *terms, 100.0,
+                                         SOFTMAX_FLOOR, isa)
+    hard = kernels.hard_indices(weights, *terms, isa)
+
+    scale = float(terms[0].abs().max())
+    torch.testing.assert_close(actual, reference, rtol=0, atol=1e-4 * scale)
+    assert torch.equal(hard, component_logits(weights, *terms).argmax(dim=1))
+
+
+def test_fused_kernel_rejects_unknown_isa():
+    weights = make_weights(10, seed=0, dtype=torch.float32)
+    terms = [t.detach() for t in fitted_mixture(
+        2, weights.double(), 0.01).float().mixture_terms()]
+
+    with pytest.raises(RuntimeError, match="unknown instruction set 'sse9'"):
+        load_fused_kernels().soft_weight_forward(weights, *terms, 100.0,
+                                                 SOFTMAX_FLOOR, 'sse9')
+
+
+def test_missing_fused_build_is_reported(tmp_path):
+    # A copy of the package without the compiled module, as in a fresh clone
+    # before `pip install --no-build-isolation -e .`.
+    package = Path(mmdgms.__file__).parent
+    shutil.copytree(package, tmp_path / 'mmdgms',
+                    ignore=shutil.ignore_patterns('*.so', '__pycache__'))
+    script = ('import torch\n'
+              'from mmdgms.quant import GaussianMixtureQuantizer\n'
+              'mixture = GaussianMixtureQuantizer(bits=2)\n'
+              'weights = torch.randn(100)\n'
+              'mixture.init_from_weights(weights)\n'
+              'mixture.soft_weights(weights)\n')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+
+    proc = subprocess.run([sys.executable, '-c', script], env=env,
+                          cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+    assert proc.returncode != 0
+    assert 'the fused DGMS kernels (mmdgms.quant._fused) are not built' in (
+        proc.stderr)
+    assert 'setup.py build_ext --inplace' in proc.stderr
+
+
+def test_unknown_implementation_rejected():
+    weights = make_weights(10, seed=0)
+    mixture = fitted_mixture(2, weights, 0.01)
+    mixture.implementation = 'fast'
+
+    with pytest.raises(ValueError, match="implementation='fast'"):
+        mixture.soft_weights(weights)
 
 
 # Responsibilities in the log domain.
@@ -410,9 +680,25 @@ def test_dgms_conv_eval_uses_hard_weights():
     torch.testing.assert_close(output, expected)
 
 
-def test_dgms_conv_eval_reuses_cached_weights():
+def test_dgms_conv_eval_without_cache_recomputes():
     layer = make_dgms_conv()
     layer.eval()
+    first = layer.quantized_weight()
+
+    layer.weight.data.mul_(1.1)
+    second = layer.quantized_weight()
+
+    assert not layer.hard_weight_cache_enabled
+    assert second is not first
+    torch.testing.assert_close(second,
+                               layer.mixture.hard_weights(layer.weight),
+                               rtol=0, atol=0)
+
+
+def test_dgms_conv_cache_reuses_hard_weights():
+    layer = make_dgms_conv()
+    layer.eval()
+    layer.enable_hard_weight_cache()
     inputs = torch.randn(1, 3, 9, 9)
 
     first = layer.quantized_weight()
@@ -420,14 +706,9 @@ def test_dgms_conv_eval_reuses_cached_weights():
     second = layer.quantized_weight()
 
     assert second is first
-
-
-def _add_to_means_data(layer):
-    layer.mixture.means.data.add_(0.01)
-
-
-def _scale_weight_data(layer):
-    layer.weight.data.mul_(1.1)
+    torch.testing.assert_close(first,
+                               layer.mixture.hard_weights(layer.weight),
+                               rtol=0, atol=0)
 
 
 def _add_to_means_no_grad(layer):
@@ -440,13 +721,21 @@ def _scale_weight_no_grad(layer):
         layer.weight.mul_(1.1)
 
 
-def _shift_log_stds_data(layer):
-    layer.mixture.log_stds.data.add_(0.5)
+def _shift_log_stds_no_grad(layer):
+    with torch.no_grad():
+        layer.mixture.log_stds.add_(0.5)
 
 
 def _shift_mix_logits_no_grad(layer):
     with torch.no_grad():
         layer.mixture.mix_logits[0] += 3.0
+
+
+def _optimizer_step(layer):
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for param in layer.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
 
 
 def _load_shifted_state_dict(layer):
@@ -455,33 +744,75 @@ def _load_shifted_state_dict(layer):
     layer.load_state_dict(state)
 
 
-def _switch_to_train_and_back(layer):
-    layer.train()
-    layer.eval()
+def _replace_weight_parameter(layer):
+    layer.weight = nn.Parameter(layer.weight.detach() * 1.1)
+
+
+def _assign_weight_data(layer):
+    layer.weight.data = layer.weight.detach() * 1.1
+
+
+def _replace_weight_after_free(layer):
+    # The old Parameter is dropped before the new one is made, so without a
+    # reference from the cache its id and storage could be reused.
+    shape = layer.weight.shape
+    del layer.weight
+    layer.weight = nn.Parameter(torch.randn(shape))
 
 
 @pytest.mark.parametrize('change', [
-    _add_to_means_data, _scale_weight_data, _add_to_means_no_grad,
-    _scale_weight_no_grad, _shift_log_stds_data, _shift_mix_logits_no_grad,
-    _load_shifted_state_dict, _switch_to_train_and_back
+    _add_to_means_no_grad, _scale_weight_no_grad, _shift_log_stds_no_grad,
+    _shift_mix_logits_no_grad, _optimizer_step, _load_shifted_state_dict,
+    _replace_weight_parameter, _assign_weight_data, _replace_weight_after_free
 ])
 def test_dgms_conv_cache_invalidated(change):
     layer = make_dgms_conv()
     layer.eval()
-    cached = layer.quantized_weight()
+    layer.enable_hard_weight_cache()
+    cached = layer.quantized_weight().clone()
 
     change(layer)
     fresh = layer.quantized_weight()
 
-    assert fresh is not cached
+    assert not torch.equal(fresh, cached)
     torch.testing.assert_close(fresh,
                                layer.mixture.hard_weights(layer.weight),
                                rtol=0, atol=0)
 
 
+def test_dgms_conv_cache_cleared_after_data_edit():
+    # In-place edits through .data bypass the version counter, so the cache
+    # contract requires clear_hard_weight_cache() after them.
+    layer = make_dgms_conv()
+    layer.eval()
+    layer.enable_hard_weight_cache()
+    layer.quantized_weight()
+
+    layer.weight.data.mul_(1.1)
+    layer.clear_hard_weight_cache()
+
+    torch.testing.assert_close(layer.quantized_weight(),
+                               layer.mixture.hard_weights(layer.weight),
+                               rtol=0, atol=0)
+
+
+def test_dgms_conv_train_disables_cache():
+    layer = make_dgms_conv()
+    layer.eval()
+    layer.enable_hard_weight_cache()
+    layer.quantized_weight()
+
+    layer.train()
+    layer.eval()
+
+    assert not layer.hard_weight_cache_enabled
+    assert layer._hard_cache is None
+
+
 def test_dgms_conv_cache_follows_dtype_change():
     layer = make_dgms_conv()
     layer.eval()
+    layer.enable_hard_weight_cache()
     layer.quantized_weight()
 
     layer.double()
@@ -489,6 +820,25 @@ def test_dgms_conv_cache_follows_dtype_change():
 
     assert layer.quantized_weight().dtype == torch.float64
     assert output.dtype == torch.float64
+
+
+def test_hard_weight_cache_context():
+    model = nn.Sequential(make_dgms_conv(seed=0), nn.ReLU(),
+                          DGMSConv2d.from_conv(nn.Conv2d(8, 4, 1), bits=2))
+    model[2].mixture.init_from_weights(model[2].weight)
+    model.eval()
+
+    with pytest.raises(KeyError):
+        with hard_weight_cache(model):
+            assert model[0].hard_weight_cache_enabled
+            assert model[2].hard_weight_cache_enabled
+            model(torch.randn(1, 3, 9, 9))
+            assert model[2]._hard_cache is not None
+            raise KeyError('leave the block early')
+
+    assert not model[0].hard_weight_cache_enabled
+    assert not model[2].hard_weight_cache_enabled
+    assert model[2]._hard_cache is None
 
 
 def test_dgms_conv_uninitialised_forward_raises():

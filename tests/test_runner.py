@@ -415,3 +415,57 @@ def test_checkpoint_meta_reports_average_bits(dgms_run, final_stats):
     assert meta['avg_bits'] == 4.0
     total, _ = final_stats
     assert meta['sparsity'] == pytest.approx(total['sparsity'])
+
+
+class HardWeightRecorder(Hook):
+    """Record one DGMS layer's evaluation weights at every test iteration.
+
+    Like EMAHook, it swaps other weights in (here: the weights times 1.5,
+    through ``.data``) before the test epoch and back after it, at a lower
+    priority than DGMSHook.
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self):
+        self.enabled, self.weights = [], []
+
+    def _layer(self, runner):
+        return dgms_layers(runner.model)[self.layer_name]
+
+    def before_test_epoch(self, runner):
+        self.layer_name = next(iter(dgms_layers(runner.model)))
+        layer = self._layer(runner)
+        self.original = layer.weight.detach().clone()
+        layer.weight.data.mul_(1.5)
+        self.swapped = layer.weight.detach().clone()
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None,
+                        outputs=None):
+        layer = self._layer(runner)
+        self.enabled.append(layer.hard_weight_cache_enabled)
+        self.weights.append(layer.quantized_weight())
+
+    def after_test_epoch(self, runner, metrics=None):
+        layer = self._layer(runner)
+        layer.weight.data.copy_(self.original)
+        self.enabled_after = layer.hard_weight_cache_enabled
+
+
+def test_hard_weights_computed_once_per_test(configs, dgms_run, tmp_path):
+    _, work_dir, _ = dgms_run
+    runner = build_runner(configs[1], tmp_path,
+                          load_from=str(work_dir / 'epoch_2.pth'))
+    recorder = HardWeightRecorder()
+    runner.register_hook(recorder)
+
+    runner.test()
+
+    assert recorder.enabled == [True, True]
+    first, second = recorder.weights
+    assert second is first
+    layer = dgms_layers(runner.model)[recorder.layer_name]
+    torch.testing.assert_close(first,
+                               layer.mixture.hard_weights(recorder.swapped),
+                               rtol=0, atol=0)
+    assert not recorder.enabled_after

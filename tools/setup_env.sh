@@ -3,10 +3,11 @@
 #
 # Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
 # with its compiled ops, mmdet 3.3.0, pycocotools, tensorboard 2.21.0 (for
-# MMEngine's TensorboardVisBackend), pytest and this package (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
-# once into a wheel cache (20-35 minutes on 2 cores) and installed from there
-# afterwards. A second run
-# with everything in place installs nothing.
+# MMEngine's TensorboardVisBackend), pytest and this package (editable, with
+# its compiled kernels; needs a C++ compiler). mmcv 2.1.0 is published on
+# PyPI only as source, so it is built once into a wheel cache (20-35 minutes
+# on 2 cores) and installed from there afterwards. A second run with
+# everything in place installs nothing.
 #
 # Environment variables:
 #   MMDGMS_VENV         where the virtual environment lives (default: .venv in
@@ -39,10 +40,12 @@ pick_python() {
   echo python3
 }
 
-# Stamp: the pinned versions and this script's content. When it matches, the
-# environment is complete and nothing is installed again.
+# Stamp: the pinned versions, this script, setup.py and the C++ sources of
+# the compiled kernels. When it matches, the environment is complete and
+# nothing is installed or compiled again.
 stamp_file=$venv/.mmdgms-env-stamp
-stamp=$(cat "${BASH_SOURCE[0]}" "$repo_root/setup.py" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "${BASH_SOURCE[0]}" "$repo_root/setup.py" \
+  "$repo_root"/mmdgms/quant/csrc/*.cpp | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp_file && $(cat "$stamp_file") == "$stamp" && -x $venv/bin/python ]]; then
   log "environment $venv is up to date"
   exit 0
@@ -101,13 +104,17 @@ fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
   "tensorboard==$TENSORBOARD_VERSION" "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
-"${pip[@]}" install --no-deps -e "$repo_root"
+# setup.py compiles the fused DGMS kernels against the installed torch, so
+# the build must see this environment's torch (no build isolation).
+log "installing mmdgms (editable) and compiling its kernels"
+"${pip[@]}" install --no-deps --no-build-isolation -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
 import mmcv, mmdet, mmengine, torch
 from torch.utils.tensorboard import SummaryWriter  # TensorboardVisBackend
 from mmcv.ops import nms  # fails when mmcv was built without ops
 import pkg_resources  # mmengine needs it to resolve mmdet:: config paths
+from mmdgms.quant import _fused  # the compiled DGMS kernels
 print(f'[setup_env] torch {torch.__version__}, mmcv {mmcv.__version__} (ops), '
       f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}')
 PY

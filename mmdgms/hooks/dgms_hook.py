@@ -14,6 +14,7 @@ from mmengine.runner import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
 from ..convert import DEFAULT_INCLUDE, DGMSConfig, convert_model, dgms_layers
+from ..ops import set_hard_weight_cache
 from ..stats import bit_width_stats, format_table, layer_stats, total_stats
 
 CHECKPOINT_META_KEY = 'dgms'
@@ -310,6 +311,15 @@ class DGMSHook(Hook):
     def before_test(self, runner) -> None:
         self._check_initialized(runner)
 
+    # Hard weights are computed once per evaluation: at the first forward
+    # after these calls, so weights swapped in by lower-priority hooks
+    # (EMAHook) are the ones quantized.
+    def before_val_epoch(self, runner) -> None:
+        set_hard_weight_cache(self._unwrap(runner), True)
+
+    def before_test_epoch(self, runner) -> None:
+        set_hard_weight_cache(self._unwrap(runner), True)
+
     # ------------------------------------------------------------------
     # logging
     # ------------------------------------------------------------------
@@ -370,9 +380,11 @@ class DGMSHook(Hook):
         self._update_totals(runner, f'train/{TRAIN_SCALAR_GROUP}', rows)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
+        set_hard_weight_cache(self._unwrap(runner), False)
         self._log_layers(runner, 'at validation (hard weights)', mode='val')
 
     def after_test_epoch(self, runner, metrics=None) -> None:
+        set_hard_weight_cache(self._unwrap(runner), False)
         self._log_layers(runner, 'at test (hard weights)', mode='test')
 
     # ------------------------------------------------------------------

@@ -1,3 +1,7 @@
-from .dgms_conv import DGMSConv2d, convertible_conv_types
+from .dgms_conv import (DGMSConv2d, convertible_conv_types, hard_weight_cache,
+                        set_hard_weight_cache)
 
-__all__ = ['DGMSConv2d', 'convertible_conv_types']
+__all__ = [
+    'DGMSConv2d', 'convertible_conv_types', 'hard_weight_cache',
+    'set_hard_weight_cache'
+]

@@ -1,5 +1,6 @@
 """A drop-in replacement for ``nn.Conv2d`` with DGMS weight sharing."""
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
@@ -16,8 +17,15 @@ class DGMSConv2d(nn.Conv2d):
     the convolution uses the soft weights sum_k r_k(w) mu_k, so the detection
     loss trains the latent weights and the mixture together. In evaluation
     mode it uses the hard weights, where each weight is replaced by the mean
-    of its most responsible component. They are computed once and reused
-    until a weight or mixture parameter changes.
+    of its most responsible component.
+
+    Hard weights cost K passes over the weights. They are computed for every
+    forward call unless the hard-weight cache is enabled
+    (:meth:`enable_hard_weight_cache`, or :func:`hard_weight_cache` for a
+    whole model; DGMSHook enables it for each validation and test epoch).
+    Then they are computed at the first evaluation forward and reused until
+    a weight or mixture parameter changes, the layer is switched to training
+    or the cache is disabled.
 
     Build it from a config (``conv_cfg=dict(type='DGMSConv', bits=4)`` in any
     MMCV/MMDetection module that takes a ``conv_cfg``) or convert an existing
@@ -61,7 +69,8 @@ class DGMSConv2d(nn.Conv2d):
             learn_temperature=learn_temperature,
             min_std=min_std,
             min_temperature=min_temperature)
-        self._hard_cache: Optional[Tuple[tuple, Tensor]] = None
+        self.hard_weight_cache_enabled = False
+        self._hard_cache: Optional[Tuple[tuple, tuple, Tensor]] = None
         self.layer_name = 'DGMSConv2d'
 
     @property
@@ -101,40 +110,73 @@ class DGMSConv2d(nn.Conv2d):
         return (self.weight, self.mixture.means, self.mixture.log_stds,
                 self.mixture.mix_logits)
 
-    def _cache_is_valid(self) -> bool:
-        # Compare values, not version counters: edits through ``.data`` and
-        # dtype or device moves do not bump ``_version``. Comparing costs one
-        # pass over the weights, far less than the K passes of quantizing.
-        if self._hard_cache is None:
-            return False
-        sources, _ = self._hard_cache
+    @staticmethod
+    def _fingerprint(tensor: Tensor) -> tuple:
+        return (tensor.data_ptr(), tensor._version, tensor.dtype,
+                tensor.device, tensor.shape)
+
+    def _cache_matches(self) -> bool:
+        # O(1) per tensor. The cache holds the source tensors themselves, so
+        # a replaced Parameter cannot be freed and its id or storage reused.
+        # Storage pointer and version counter catch ``.data`` reassignment,
+        # dtype or device moves, load_state_dict and in-place edits through
+        # the Parameter (with or without grad).
+        # NOTE: in-place edits through ``.data`` (``p.data.add_(...)``) get a
+        # fresh version counter and are not seen. Code that edits weights
+        # that way while the cache is enabled must call
+        # clear_hard_weight_cache().
+        sources, fingerprints, _ = self._hard_cache
         return all(
-            cached.dtype == live.dtype and cached.device == live.device
-            and torch.equal(cached, live)
-            for cached, live in zip(sources, self._cache_sources()))
+            cached is live and fingerprint == self._fingerprint(live)
+            for cached, fingerprint, live in zip(
+                sources, fingerprints, self._cache_sources()))
+
+    def enable_hard_weight_cache(self) -> None:
+        """Reuse the hard weights across evaluation forwards.
+
+        They are computed at the next evaluation forward, not here, so hooks
+        that swap in other weights before evaluation (such as EMAHook) are
+        seen.
+        """
+        self.hard_weight_cache_enabled = True
+        self._hard_cache = None
+
+    def disable_hard_weight_cache(self) -> None:
+        """Compute the hard weights at every evaluation forward again."""
+        self.hard_weight_cache_enabled = False
+        self._hard_cache = None
+
+    def clear_hard_weight_cache(self) -> None:
+        """Drop the cached hard weights; the next forward recomputes them."""
+        self._hard_cache = None
 
     def quantized_weight(self) -> Tensor:
         """Return the weights this layer convolves with in its current mode.
 
-        In evaluation mode the hard weights are computed once and reused
-        until the weights or the mixture change, so an evaluation pays for
-        quantization once, not per image.
+        Training mode: the soft weights. Evaluation mode: the hard weights,
+        from the cache when it is enabled and still matches the weights and
+        the mixture.
         """
         self.mixture.check_initialized(self.layer_name)
         if self.training:
             self._hard_cache = None
             return self.mixture.soft_weights(self.weight)
 
-        if not self._cache_is_valid():
-            sources = tuple(t.detach().clone() for t in self._cache_sources())
-            self._hard_cache = (sources,
+        if not self.hard_weight_cache_enabled:
+            return self.mixture.hard_weights(self.weight)
+        if self._hard_cache is None or not self._cache_matches():
+            sources = self._cache_sources()
+            fingerprints = tuple(self._fingerprint(t) for t in sources)
+            self._hard_cache = (sources, fingerprints,
                                 self.mixture.hard_weights(self.weight))
-        return self._hard_cache[1]
+        return self._hard_cache[2]
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     def train(self, mode: bool = True):
+        if mode:
+            self.hard_weight_cache_enabled = False
         self._hard_cache = None
         return super().train(mode)
 
@@ -151,3 +193,31 @@ def convertible_conv_types() -> tuple:
     except ImportError:  # mmcv is optional for the quantizer itself
         pass
     return tuple(types)
+
+
+def set_hard_weight_cache(model: nn.Module, enabled: bool) -> int:
+    """Enable or disable the hard-weight cache of every DGMSConv2d in
+    ``model``; return the number of layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, DGMSConv2d)]
+    for layer in layers:
+        if enabled:
+            layer.enable_hard_weight_cache()
+        else:
+            layer.disable_hard_weight_cache()
+    return len(layers)
+
+
+@contextmanager
+def hard_weight_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Reuse hard weights across the evaluation forwards inside the block.
+
+    Example:
+        >>> with hard_weight_cache(model):
+        ...     for batch in loader:
+        ...         model.test_step(batch)
+    """
+    set_hard_weight_cache(model, True)
+    try:
+        yield model
+    finally:
+        set_hard_weight_cache(model, False)

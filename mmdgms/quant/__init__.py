@@ -1,8 +1,10 @@
-from .functional import SoftWeight, hard_indices
+from .functional import FusedSoftWeight, SoftWeight, hard_indices
 from .kmeans import KMeans1D, kmeans_1d
-from .mixture import MAX_BITS, MIN_BITS, GaussianMixtureQuantizer, check_bits
+from .mixture import (IMPLEMENTATIONS, MAX_BITS, MIN_BITS,
+                      GaussianMixtureQuantizer, check_bits)
 
 __all__ = [
-    'GaussianMixtureQuantizer', 'KMeans1D', 'MAX_BITS', 'MIN_BITS',
-    'SoftWeight', 'check_bits', 'hard_indices', 'kmeans_1d'
+    'FusedSoftWeight', 'GaussianMixtureQuantizer', 'IMPLEMENTATIONS',
+    'KMeans1D', 'MAX_BITS', 'MIN_BITS', 'SoftWeight', 'check_bits',
+    'hard_indices', 'kmeans_1d'
 ]

@@ -19,10 +19,16 @@ underflow to 0 (a weight far from every component) or overflow (a collapsed
 standard deviation).
 
 A plain autograd implementation keeps several K x N intermediates per layer
-for the backward pass. :class:`SoftWeight` instead walks the weights in
-chunks, keeps no K x N tensor between forward and backward, and recomputes
-each chunk's responsibilities in the backward pass, where the gradients have
-closed forms (derived in :meth:`SoftWeight.backward`).
+for the backward pass. Two memory-bounded implementations keep no K x N
+tensor between forward and backward and recompute the responsibilities in
+the backward pass, where the gradients have closed forms (derived in
+:meth:`SoftWeight.backward`):
+
+- :class:`FusedSoftWeight` (CPU) calls the compiled kernels of
+  ``csrc/soft_weight.cpp``, which compute everything per block of 256
+  weights in one vectorised loop nest;
+- :class:`SoftWeight` (any device) walks the weights in chunks with torch
+  operations.
 """
 import torch
 from torch import Tensor
@@ -40,9 +46,21 @@ CHUNK_ELEMENTS = 1 << 20
 
 # Softmax entries more than this far below their row maximum are set to
 # exactly 0 instead of exp(x - max) < 9.4e-14. That changes no probability by
-# more than K * 9.4e-14, and it keeps the products of probabilities in the
-# backward pass far from the subnormal range (below 1.2e-38).
+# more than K * 9.4e-14, far below float32 rounding (6e-8), and it keeps the
+# products of probabilities in the backward pass far from the subnormal
+# range (below 1.2e-38).
 SOFTMAX_FLOOR = -30.0
+
+# The floor for float64, where exp(-30) would be the largest error: with
+# tau = 1e-4 the dropped terms, amplified by 1 / tau and 1 / sigma^2, moved
+# the temperature gradient by 2e-4 relative. exp(-80) = 1.8e-35, and
+# products of up to eight such terms stay normal float64 (above 2.2e-308).
+SOFTMAX_FLOOR_FLOAT64 = -80.0
+
+
+def softmax_floor(dtype: torch.dtype) -> float:
+    """Return the softmax floor used for ``dtype``."""
+    return SOFTMAX_FLOOR_FLOAT64 if dtype == torch.float64 else SOFTMAX_FLOOR
 
 
 def _chunk_length(num_components: int) -> int:
@@ -50,14 +68,16 @@ def _chunk_length(num_components: int) -> int:
 
 
 def softmax_rows(x: Tensor) -> Tensor:
-    """Softmax over dim 1 whose entries are 0 or at least exp(SOFTMAX_FLOOR).
+    """Softmax over dim 1 whose entries are 0 or at least
+    exp(softmax_floor(x.dtype)).
 
     Subnormal operands take a slow microcode path on x86 CPUs, and a
     tempered softmax with tau = 0.01 produces them, or products of them,
     for most weights. ``x`` is overwritten.
     """
     x = x.sub_(x.max(dim=1, keepdim=True).values)
-    x = x.masked_fill_(x < SOFTMAX_FLOOR, float('-inf')).exp_()
+    floor = softmax_floor(x.dtype)
+    x = x.masked_fill_(x < floor, float('-inf')).exp_()
     return x.div_(x.sum(dim=1, keepdim=True))
 
 
@@ -159,6 +179,89 @@ class SoftWeight(torch.autograd.Function):
                 grad_temperature)
 
 
+def load_fused_kernels():
+    """Return the compiled module ``mmdgms.quant._fused``.
+
+    Raises:
+        RuntimeError: when the extension was not built, with the command
+            that builds it.
+    """
+    try:
+        from . import _fused
+    except ImportError as error:
+        raise RuntimeError(
+            'the fused DGMS kernels (mmdgms.quant._fused) are not built or '
+            f'failed to load: {error}. Build them with `pip install '
+            '--no-build-isolation -e .` (tools/setup_env.sh does this) or '
+            '`python setup.py build_ext --inplace` in the repository root, '
+            "or set the mixture's implementation to 'chunked' (several "
+            'times slower)') from error
+    return _fused
+
+
+def mixture_gradients(sums: Tensor, means: Tensor, inv_two_var: Tensor,
+                      inv_tau: float):
+    """Turn the per-component sums of the fused backward into gradients.
+
+    ``sums`` contains, over all weights, sum G_k, sum G_k (w - mu_k)^2,
+    sum G_k (w - mu_k), sum dy r_k (K each) and sum_w row_dot (1), where
+    G = tau dL/dl and row_dot = sum_k g_k dL/dz_k (see
+    :meth:`SoftWeight.backward` for the formulas).
+
+    Returns:
+        tuple: gradients of (means, log_coef, inv_two_var, temperature).
+    """
+    k = means.numel()
+    sums = sums.to(means.dtype)
+    sum_g, sum_g_sq, sum_g_diff, direct_means = sums[:4 * k].view(4, k)
+    grad_log_coef = sum_g * inv_tau
+    grad_inv_two_var = -sum_g_sq * inv_tau
+    grad_means = sum_g_diff * (2.0 * inv_two_var) * inv_tau + direct_means
+    grad_temperature = -sums[4 * k] * inv_tau * inv_tau
+    return grad_means, grad_log_coef, grad_inv_two_var, grad_temperature
+
+
+class FusedSoftWeight(torch.autograd.Function):
+    """The values and gradients of :class:`SoftWeight`, from CPU kernels.
+
+    Takes the same inputs as :class:`SoftWeight`, and optionally ``isa``:
+    the instruction set of the float32 kernels ('avx512', 'avx2',
+    'baseline'; '' picks the best one this CPU has, and float64 always uses
+    'baseline'). The forward pass keeps only its inputs for the backward
+    pass, no N-sized or K x N tensor, so the backward pass recomputes the
+    responsibilities block by block.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, means: Tensor, log_coef: Tensor,
+                inv_two_var: Tensor, temperature: Tensor,
+                isa: str = '') -> Tensor:
+        kernels = load_fused_kernels()
+        inv_tau = 1.0 / float(temperature)
+        terms = [t.detach().contiguous() for t in (means, log_coef,
+                                                     inv_two_var)]
+        w = w.detach().contiguous()
+        ctx.save_for_backward(w, *terms)
+        ctx.inv_tau = inv_tau
+        ctx.isa = isa
+        # Named ranges, so torch.profiler (and tools/benchmark_dgms.py
+        # --profile) can tell the quantizer's time apart.
+        with torch.profiler.record_function('dgms_soft_weight_forward'):
+            return kernels.soft_weight_forward(w, *terms, inv_tau,
+                                               softmax_floor(w.dtype), isa)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        w, means, log_coef, inv_two_var = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[0]
+        with torch.profiler.record_function('dgms_soft_weight_backward'):
+            grad_w, sums = load_fused_kernels().soft_weight_backward(
+                w, grad_out.contiguous(), means, log_coef, inv_two_var,
+                ctx.inv_tau, softmax_floor(w.dtype), need_w, ctx.isa)
+        grads = mixture_gradients(sums, means, inv_two_var, ctx.inv_tau)
+        return (grad_w if need_w else None, ) + grads + (None, )
+
+
 def plain_soft_weights(w: Tensor, means: Tensor, log_coef: Tensor,
                        inv_two_var: Tensor, temperature: Tensor) -> Tensor:
     """Return the same values as :class:`SoftWeight` with plain autograd.
@@ -179,8 +282,14 @@ def hard_indices(w: Tensor, means: Tensor, log_coef: Tensor,
     """Return argmax_k l_k(w) for flattened weights, as int64 of shape (N,).
 
     The argmax of l equals the argmax of g and of r for any temperature, so
-    the hard assignment does not depend on tau.
+    the hard assignment does not depend on tau. CPU tensors go through the
+    fused kernel, other devices through chunked torch operations; both
+    resolve ties to the lowest index.
     """
+    if w.device.type == 'cpu':
+        return load_fused_kernels().hard_indices(
+            w.contiguous(), means.contiguous(), log_coef.contiguous(),
+            inv_two_var.contiguous())
     out = torch.empty(w.numel(), dtype=torch.long, device=w.device)
     step = _chunk_length(means.numel())
     for start in range(0, w.numel(), step):

@@ -5,11 +5,15 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from .functional import SoftWeight, hard_indices, plain_soft_weights
+from .functional import (FusedSoftWeight, SoftWeight, hard_indices,
+                         plain_soft_weights)
 from .kmeans import kmeans_1d
 
 MIN_BITS = 1
 MAX_BITS = 8
+
+# Values of GaussianMixtureQuantizer.implementation.
+IMPLEMENTATIONS = ('fused', 'chunked', 'plain')
 
 
 def check_bits(bits, name: str = 'bits') -> int:
@@ -71,7 +75,7 @@ class GaussianMixtureQuantizer(nn.Module):
             raise ValueError(
                 f'init_temperature must be at least min_temperature='
                 f'{min_temperature}, got {init_temperature!r}')
-        self.implementation = 'chunked'
+        self.implementation = 'fused'
         self.min_std = float(min_std)
         self.min_temperature = float(min_temperature)
         self.learn_temperature = bool(learn_temperature)
@@ -139,18 +143,34 @@ class GaussianMixtureQuantizer(nn.Module):
         """Return the training weights sum_k r_k(w) mu_k, shaped like
         ``weight``; gradients reach the weights and every mixture parameter.
 
-        ``self.implementation`` selects the chunked autograd function
-        ('chunked', the default) or plain autograd ('plain', the memory-hungry
-        reference used by tools/benchmark_dgms.py).
+        ``self.implementation`` selects how:
+
+        - 'fused' (default): the compiled CPU kernels
+          (:class:`~mmdgms.quant.functional.FusedSoftWeight`) for CPU
+          tensors. Tensors on other devices use the 'chunked' path, which is
+          the only implementation for them;
+        - 'chunked': chunked torch operations, on any device;
+        - 'plain': plain autograd, the memory-hungry reference used by tests
+          and tools/benchmark_dgms.py.
+
+        Raises:
+            ValueError: for any other ``implementation``.
+            RuntimeError: for 'fused' on CPU when the kernels are not built.
         """
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f'implementation={self.implementation!r} is not one of '
+                f'{IMPLEMENTATIONS}; use \'fused\' for training on CPU')
         means, log_coef, inv_two_var = self.mixture_terms()
+        flat = weight.reshape(-1)
         if self.implementation == 'plain':
-            flat = plain_soft_weights(weight.reshape(-1), means, log_coef,
-                                      inv_two_var, self.temperature)
+            function = plain_soft_weights
+        elif self.implementation == 'fused' and flat.device.type == 'cpu':
+            function = FusedSoftWeight.apply
         else:
-            flat = SoftWeight.apply(weight.reshape(-1), means, log_coef,
-                                    inv_two_var, self.temperature)
-        return flat.view_as(weight)
+            function = SoftWeight.apply
+        out = function(flat, means, log_coef, inv_two_var, self.temperature)
+        return out.view_as(weight)
 
     @torch.no_grad()
     def quantize(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
