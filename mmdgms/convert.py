@@ -1,6 +1,6 @@
 """Select conv layers of a model by name pattern and swap in DGMS convs."""
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
@@ -9,6 +9,12 @@ from .ops import DGMSConv2d, convertible_conv_types
 from .quant import check_bits
 
 DEFAULT_INCLUDE = ('backbone.*', 'neck.*')
+# Set on a model once its conv layers are converted, by DGMSHook or by the
+# DGMSDetector model builder, so that a converted model is never converted
+# twice (a runner may call before_run again, e.g. testing after training).
+CONVERTED_FLAG = '_dgms_converted'
+# The DGMSConfig that the DGMSDetector builder converted the model with.
+CONVERSION_CONFIG_ATTR = '_dgms_config'
 
 
 @dataclass
@@ -51,6 +57,14 @@ class DGMSConfig:
         self.layer_bits = dict(self.layer_bits or {})
         for pattern, bits in self.layer_bits.items():
             check_bits(bits, f'layer_bits[{pattern!r}]')
+
+    def differences(self, other: 'DGMSConfig') -> Dict[str, tuple]:
+        """Return field name -> (own value, other value) where they differ."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        }
 
     def mixture_cfg(self, name: str) -> dict:
         bits = self.bits

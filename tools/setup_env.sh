@@ -2,7 +2,8 @@
 # Create (or reuse) the virtual environment that the demo and the tests run in.
 #
 # Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
-# with its compiled ops, mmdet 3.3.0, pycocotools, pytest and this package
+# with its compiled ops, mmdet 3.3.0, pycocotools, onnx 1.23.2 and
+# onnxruntime 1.31.1 (for tools/export_onnx.py), pytest and this package
 # (editable). mmcv 2.1.0 is published on PyPI only as source, so it is built
 # once into a wheel cache (20-35 minutes on 2 cores) and installed from there
 # afterwards. A second run
@@ -29,6 +30,8 @@ TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
+ONNX_VERSION=1.23.2
+ONNXRUNTIME_VERSION=1.31.1
 
 log() { echo "[setup_env] $*" >&2; }
 
@@ -99,15 +102,17 @@ if ! has_version mmcv "$MMCV_VERSION"; then
 fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
+  "onnx==$ONNX_VERSION" "onnxruntime==$ONNXRUNTIME_VERSION" \
   "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
 "${pip[@]}" install --no-deps -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
-import mmcv, mmdet, mmengine, torch
+import mmcv, mmdet, mmengine, onnx, onnxruntime, torch
 from mmcv.ops import nms  # fails when mmcv was built without ops
 import pkg_resources  # mmengine needs it to resolve mmdet:: config paths
 print(f'[setup_env] torch {torch.__version__}, mmcv {mmcv.__version__} (ops), '
-      f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}')
+      f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
+      f'onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}')
 PY
 echo "$stamp" > "$stamp_file"
 log "environment ready: $venv"

@@ -9,8 +9,11 @@ import argparse
 import os.path as osp
 
 from mmengine.config import Config, DictAction
+from mmengine.model import is_model_wrapper
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
+from mmdgms.apis import (CheckpointMismatchError, check_checkpoint_matches,
+                         read_checkpoint_summary)
 from train import build_runner
 
 
@@ -52,6 +55,15 @@ def main():
     cfg.resume = False
 
     runner = build_runner(cfg)
+    model = runner.model.module if is_model_wrapper(
+        runner.model) else runner.model
+    try:
+        check_checkpoint_matches(model,
+                                 read_checkpoint_summary(args.checkpoint),
+                                 cfg, args.config, hook_will_convert=True)
+    except CheckpointMismatchError as error:
+        raise SystemExit(f'error: {error}') from None
+
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(
