@@ -9,7 +9,8 @@ import torch
 
 from mmdgms.apis import init_detector
 from mmdgms.convert import dgms_layers
-from mmdgms.export import ATOL, RTOL, decode_hard_weights, export_onnx
+from mmdgms.export import (ATOL, RTOL, decode_hard_weights, export_onnx,
+                           preprocess_image)
 
 from conftest import REPO_ROOT, run_tool
 
@@ -25,17 +26,10 @@ def dgms_model(configs, dgms_run):
 @pytest.fixture(scope='module')
 def val_image(dgms_model, tree_data):
     """A validation image as the model's input, with its DetDataSample."""
-    from mmcv.transforms import Compose
-    from mmdet.utils import get_test_pipeline_cfg
     image = sorted((tree_data / 'images').glob('OSBS*'))[0]
-    pipeline = Compose(get_test_pipeline_cfg(dgms_model.cfg))
-    data = pipeline(dict(img_path=str(image), img_id=0))
-    with torch.no_grad():
-        batch = dgms_model.data_preprocessor(
-            dict(inputs=[data['inputs']],
-                 data_samples=[data['data_samples']]), False)
-    assert tuple(batch['inputs'].shape) == INPUT_SHAPE
-    return batch['inputs'], batch['data_samples'][0]
+    inputs, data_sample = preprocess_image(dgms_model, image, INPUT_SHAPE[2:])
+    assert tuple(inputs.shape) == INPUT_SHAPE
+    return inputs, data_sample
 
 
 @pytest.fixture(scope='module')

@@ -20,7 +20,7 @@ import torch
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
 from mmdgms.apis import CheckpointMismatchError, init_detector
-from mmdgms.export import ATOL, RTOL, export_onnx
+from mmdgms.export import ATOL, RTOL, export_onnx, preprocess_image
 from mmdgms.fileio import atomic_output
 
 
@@ -63,26 +63,6 @@ def default_shape(cfg, detector):
             math.ceil(width / divisor) * divisor)
 
 
-def preprocess_image(detector, image_path, shape):
-    """Return the image as the model's input, zero-padded to ``shape``."""
-    from mmcv.transforms import Compose
-    from mmdet.utils import get_test_pipeline_cfg
-    pipeline = Compose(get_test_pipeline_cfg(detector.cfg))
-    data = pipeline(dict(img_path=image_path, img_id=0))
-    batch = detector.data_preprocessor(
-        dict(inputs=[data['inputs']], data_samples=[data['data_samples']]),
-        False)
-    inputs = batch['inputs']
-    height, width = inputs.shape[-2:]
-    if height > shape[0] or width > shape[1]:
-        raise SystemExit(f'{image_path} preprocesses to {height}x{width}, '
-                         f'larger than the export size {shape[0]}x{shape[1]}'
-                         '; pass a larger --shape')
-    # The data preprocessor pads with 0 after normalisation as well.
-    return torch.nn.functional.pad(
-        inputs, (0, shape[1] - width, 0, shape[0] - height))
-
-
 def main():
     args = parse_args()
     if not args.out.endswith('.onnx'):
@@ -102,12 +82,10 @@ def main():
 
     generator = torch.Generator().manual_seed(0)
     verify_inputs = [torch.randn(input_shape, generator=generator)]
-    if args.image is not None:
-        with torch.no_grad():
-            verify_inputs.append(
-                preprocess_image(detector, args.image, shape))
-
     try:
+        if args.image is not None:
+            verify_inputs.append(
+                preprocess_image(detector, args.image, shape)[0])
         with atomic_output(args.out) as temp_name:
             report = export_onnx(detector, temp_name, input_shape, args.part,
                                  verify_inputs)

@@ -138,8 +138,8 @@ def _check_before_weights(layers: dict, before: Dict[str, Tensor]) -> None:
     for name, layer in layers.items():
         weight = before.get(name)
         if weight is None:
-            raise ValueError(f'the weights to compare with have no {name}; '
-                             'give a checkpoint of the same detector')
+            raise ValueError(f'the weights to compare with have no {name}. '
+                             'Give a checkpoint of the same detector')
         if tuple(weight.shape) != tuple(layer.weight.shape):
             raise ValueError(
                 f'{name} has shape {tuple(weight.shape)} in the weights to '
@@ -178,8 +178,8 @@ def _draw_layer(ax, name: str, layer: nn.Module, before: Optional[Tensor],
     for value in codebook.cpu().numpy():
         ax.axvline(value, color='k', lw=0.5, ls=':')
 
-    # A narrow component can peak far above the histogram; keep the
-    # histogram readable and let such peaks leave the panel.
+    # A narrow component can peak far above the histogram. The y range
+    # follows the histogram, so such peaks leave the panel.
     ax.set_ylim(0, 1.3 * max(float(heights.max()), 1e-12))
     ax.set_xlim(low, high)
     ax.set_title(f'{name}\n{layer.bits} bits, sparsity {sparsity:.2f}',

@@ -28,7 +28,7 @@ class CheckpointMismatchError(ValueError):
 
 @dataclass
 class CheckpointSummary:
-    """What a checkpoint file contains, as far as DGMS is concerned.
+    """The DGMS-related contents of a checkpoint file.
 
     Args:
         path (str): the checkpoint file.
@@ -65,7 +65,7 @@ def read_checkpoint_summary(path: str) -> CheckpointSummary:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no state dict.
+        ValueError: the file contains no state dict.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
@@ -74,8 +74,8 @@ def read_checkpoint_summary(path: str) -> CheckpointSummary:
     state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(
         checkpoint, dict) else None
     if not isinstance(state_dict, dict):
-        raise ValueError(f'{path} holds no state dict, so it is not a model '
-                         'checkpoint')
+        raise ValueError(f'{path} contains no state dict, so it is not a '
+                         'model checkpoint')
 
     meta = checkpoint.get('meta') or {}
     meta_bits = (meta.get('dgms') or {}).get('layers') or {}

@@ -1,9 +1,9 @@
 """ONNX export of a detector's tensor part with DGMS hard weights decoded.
 
 Every DGMS conv layer becomes a plain ``Conv`` whose weight is the decoded
-hard weight (codebook value of each weight, as float32), so the graph
-computes exactly what the PyTorch model computes in eval mode and any ONNX
-runtime can run it. The graph covers the backbone, the neck and the dense
+hard weight: the codebook value of each weight, as float32. The graph thus
+computes what the PyTorch model computes in eval mode, with standard
+operators only. The graph covers the backbone, the neck and the dense
 head's raw outputs (class scores and box deltas per FPN level) at one fixed
 input size. Preprocessing (resize, pad, normalise) and post-processing
 (anchor decoding, score threshold, NMS) stay outside it.
@@ -25,8 +25,8 @@ from ..convert import dgms_layers
 OPSET_VERSION = 17
 # Largest difference between ONNX Runtime and PyTorch outputs that
 # verify_onnx accepts, as |ort - torch| <= ATOL + RTOL * |torch|. Both run
-# float32 convolutions that sum in different orders; the measured
-# differences are far below this (docs/deployment.md).
+# float32 convolutions that sum in different orders, and the differences
+# measured on the demo models are below 1e-5 (docs/deployment.md).
 ATOL = 1e-4
 RTOL = 1e-3
 
@@ -119,7 +119,8 @@ def decode_hard_weights(model: nn.Module) -> nn.Module:
 
 @dataclass
 class ExportReport:
-    """What :func:`export_onnx` wrote and how the runtimes compared.
+    """Summary of an :func:`export_onnx` call: the graph's inputs and outputs
+    and the measured differences between the runtimes.
 
     Args:
         input_shape (tuple): N, C, H, W of the graph's input.
@@ -151,6 +152,47 @@ def preprocessing_metadata(detector: nn.Module) -> dict:
     if hasattr(preprocessor, '_channel_conversion'):
         meta['channel_conversion'] = bool(preprocessor._channel_conversion)
     return meta
+
+
+@torch.no_grad()
+def preprocess_image(detector: nn.Module,
+                     image_path: str,
+                     shape: Optional[Sequence[int]] = None):
+    """Return an image as the graph's input, with its DetDataSample.
+
+    The image goes through the test pipeline of ``detector.cfg`` and the
+    detector's data preprocessor, as in ``inference_detector``. With
+    ``shape`` (height, width), the result is zero-padded at the bottom and
+    right to that size, as the data preprocessor pads too.
+
+    Returns:
+        tuple: the 1 x 3 x H x W input tensor and the DetDataSample, whose
+        ``metainfo`` is what ``bbox_head.predict_by_feat`` needs.
+
+    Raises:
+        ValueError: the preprocessed image is larger than ``shape``.
+    """
+    from mmcv.transforms import Compose
+    from mmdet.utils import get_test_pipeline_cfg
+
+    pipeline = Compose(get_test_pipeline_cfg(detector.cfg))
+    data = pipeline(dict(img_path=str(image_path), img_id=0))
+    batch = detector.data_preprocessor(
+        dict(inputs=[data['inputs']], data_samples=[data['data_samples']]),
+        False)
+    inputs, data_sample = batch['inputs'], batch['data_samples'][0]
+    if shape is None:
+        return inputs, data_sample
+
+    height, width = inputs.shape[-2:]
+    if height > shape[0] or width > shape[1]:
+        raise ValueError(
+            f'{image_path} preprocesses to {height}x{width}, larger than the '
+            f'input size {shape[0]}x{shape[1]}. Export with a larger input '
+            'size (tools/export_onnx.py --shape HEIGHT WIDTH)')
+    padded = torch.nn.functional.pad(
+        inputs, (0, shape[1] - width, 0, shape[0] - height))
+    return padded, data_sample
 
 
 def export_onnx(detector: nn.Module,
@@ -199,11 +241,12 @@ def export_onnx(detector: nn.Module,
         f'{num_decoded} DGMS layers decoded to hard weights',
         logger='current')
     with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of the
-        # torch.export one, which needs the onnxscript package.
+        # NOTE: torch 2.9 deprecated this TorchScript-based exporter in
+        # favour of the torch.export one, which needs the onnxscript package.
+        # A torch release without it needs dynamo=True and onnxscript here.
         warnings.filterwarnings('ignore', category=DeprecationWarning)
-        # NOTE: tracing fixes every shape, so the graph accepts exactly
-        # input_shape; export again for another input size.
+        # Tracing fixes every shape, so the graph accepts exactly
+        # input_shape. Export again for another input size.
         torch.onnx.export(graph, (example, ), out_file, dynamo=False,
                           opset_version=opset_version,
                           input_names=['image'], output_names=output_names,

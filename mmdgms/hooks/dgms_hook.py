@@ -151,8 +151,8 @@ class DGMSHook(Hook):
                 runner.cfg.get('model_wrapper_cfg'), model)
 
     def _check_built_conversion(self, model) -> None:
-        # A model built by DGMSDetector arrives converted; the hook's own
-        # conversion settings must then agree with the ones it was built with.
+        # A model built by DGMSDetector arrives converted, so the hook's own
+        # conversion settings must agree with the ones it was built with.
         built_with = getattr(model, CONVERSION_CONFIG_ATTR, None)
         if built_with is None or built_with == self.dgms_cfg:
             return

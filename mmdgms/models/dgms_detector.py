@@ -44,9 +44,9 @@ def build_dgms_detector(detector_type: str,
         DGMS checkpoint.
 
     Note:
-        A DGMS config that trains uses the same settings in ``DGMSHook``;
-        the hook then finds the model converted and checks that the
-        settings agree instead of converting again.
+        A DGMS config that trains gives ``DGMSHook`` the same settings.
+        The hook finds the model converted and checks that the settings
+        agree, instead of converting again.
     """
     if not isinstance(detector_type, str) or not detector_type:
         raise ValueError(
