@@ -16,7 +16,8 @@ from mmdgms.apis import CheckpointMismatchError
 from mmdgms.apis import init_detector as checked_init_detector
 from mmdgms.convert import dgms_layers
 
-from conftest import REPO_ROOT, build_runner, run_tool, write_config
+from conftest import (REPO_ROOT, TEST_CONFIGS, build_runner, run_tool,
+                      write_config)
 
 
 class PredictionRecorder(Hook):
@@ -185,26 +186,35 @@ def test_hook_rejects_settings_other_than_model(configs, fp_checkpoint,
         runner.train()
 
 
-def test_hook_only_run_loads_into_dgms_detector(configs, hook_config,
-                                                fp_checkpoint,
-                                                dgms_checkpoint, tmp_path):
-    # One iteration of 4 images and no validation keep this run short.
-    runner = build_runner(hook_config, tmp_path,
+def test_hook_only_run_loads_into_dgms_detector(tree_data, fp_checkpoint,
+                                                tmp_path):
+    # The neck alone, one iteration of 4 images and no validation keep this
+    # run short.
+    settings = ("dgms = dict(bits=4, include=['neck.*'])\n"
+                "custom_hooks = [dict(type='DGMSHook', **dgms)]\n")
+    hook_only = write_config(tmp_path / 'hook_only.py',
+                             TEST_CONFIGS / 'tiny_retinanet_dgms_hook.py',
+                             tree_data, settings)
+    detector = write_config(tmp_path / 'detector.py',
+                            TEST_CONFIGS / 'tiny_retinanet_dgms.py',
+                            tree_data, settings + 'model = dict(dgms=dgms)\n')
+    runner = build_runner(hook_only, tmp_path / 'run',
                           load_from=str(fp_checkpoint),
                           train_dataloader=dict(dataset=dict(indices=4)),
                           train_cfg=dict(max_epochs=1, val_interval=2))
     runner.train()
-    assert len(dgms_layers(runner.model)) > 0
-    hook_state = torch.load(tmp_path / 'epoch_1.pth',
-                            weights_only=True)['state_dict']
-    detector_state = torch.load(dgms_checkpoint,
-                                weights_only=True)['state_dict']
-    assert hook_state.keys() == detector_state.keys()
+    assert all(n.startswith('neck.') for n in dgms_layers(runner.model))
 
-    model = checked_init_detector(str(configs[1]),
-                                  str(tmp_path / 'epoch_1.pth'), device='cpu')
+    checkpoint = tmp_path / 'run' / 'epoch_1.pth'
+    model = checked_init_detector(str(detector), str(checkpoint),
+                                  device='cpu')
+    hook_state = torch.load(checkpoint, weights_only=True)['state_dict']
+    assert hook_state.keys() == model.state_dict().keys()
+    assert dgms_layers(model).keys() == dgms_layers(runner.model).keys()
     for name, layer in dgms_layers(model).items():
         assert layer.mixture.initialized, name
+        assert torch.equal(layer.mixture.means,
+                           hook_state[f'{name}.mixture.means']), name
 
 
 def test_dgms_detector_rejects_unknown_setting(configs):

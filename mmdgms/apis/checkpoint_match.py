@@ -94,13 +94,16 @@ def read_checkpoint_summary(path: str) -> CheckpointSummary:
 
 
 def config_has_dgms_hook(cfg: Config) -> bool:
-    """Return whether ``cfg.custom_hooks`` contains a DGMSHook."""
-    from ..hooks import DGMSHook
+    """Return whether ``cfg.custom_hooks`` contains a DGMSHook.
+
+    Compares type names, so that inference code does not import the
+    training hook.
+    """
     for hook in cfg.get('custom_hooks') or []:
         hook_type = hook.get('type') if isinstance(hook, dict) else None
-        if hook_type is DGMSHook or (isinstance(hook_type, str)
-                                     and hook_type.split('.')[-1]
-                                     == 'DGMSHook'):
+        name = hook_type if isinstance(hook_type, str) else getattr(
+            hook_type, '__name__', '')
+        if name.split('.')[-1] == 'DGMSHook':
             return True
     return False
 
