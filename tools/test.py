@@ -1,6 +1,8 @@
 """Evaluate a checkpoint (COCO mAP for the COCO-style configs).
 
-DGMS checkpoints are evaluated with hard (codebook) weights.
+DGMS checkpoints are evaluated with hard (codebook) weights. A checkpoint
+that does not fit the config (a DGMS checkpoint with a full-precision config,
+or the other way round) is an error that names the config to use.
 
 Example:
     python tools/test.py configs/dgms/retinanet_r50_4bit.py CKPT.pth
@@ -61,7 +63,7 @@ def main():
         check_checkpoint_matches(model,
                                  read_checkpoint_summary(args.checkpoint),
                                  cfg, args.config, hook_will_convert=True)
-    except CheckpointMismatchError as error:
+    except (CheckpointMismatchError, ValueError) as error:
         raise SystemExit(f'error: {error}') from None
 
     if args.out is not None:

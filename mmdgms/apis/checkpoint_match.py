@@ -52,9 +52,9 @@ class CheckpointSummary:
         """Return a phrase that names the training config, or ''."""
         if self.config_name is None:
             return ''
-        where = "checkpoint['meta']['experiment_name']"
+        where = "named in checkpoint['meta']['experiment_name']"
         if self.has_config_text:
-            where += "; its full text is in checkpoint['meta']['cfg']"
+            where += ", with its full text in checkpoint['meta']['cfg']"
         return f', {self.config_name!r} ({where})'
 
 
