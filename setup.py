@@ -29,4 +29,8 @@ setup(
         'pycocotools',
         'numpy',
     ],
+    extras_require={
+        # tools/export_onnx.py; the versions tools/setup_env.sh installs.
+        'onnx': ['onnx==1.23.2', 'onnxruntime==1.31.1'],
+    },
 )

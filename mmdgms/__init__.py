@@ -1,13 +1,14 @@
 """mmdgms: DGMS Gaussian-mixture weight-sharing quantization for MMDetection.
 
 Importing the package (``custom_imports = dict(imports=['mmdgms'])`` in a
-config) registers the ``DGMSConv`` conv layer and the ``DGMSHook`` hook, and
-allows MMEngine checkpoints under torch's weights-only loading (see
-:mod:`mmdgms.checkpoint`).
+config) registers the ``DGMSConv`` conv layer, the ``DGMSDetector`` model builder
+and the ``DGMSHook`` hook, and allows MMEngine checkpoints under torch's
+weights-only loading (see :mod:`mmdgms.checkpoint`).
 """
 from .checkpoint import register_safe_globals
 from .convert import DGMSConfig, convert_model, dgms_layers, select_layers
 from .hooks import DGMSHook
+from .models import build_dgms_detector
 from .ops import DGMSConv2d
 from .quant import GaussianMixtureQuantizer, kmeans_1d
 
@@ -17,6 +18,6 @@ register_safe_globals()
 
 __all__ = [
     'DGMSConfig', 'DGMSConv2d', 'DGMSHook', 'GaussianMixtureQuantizer',
-    'convert_model', 'dgms_layers', 'kmeans_1d', 'register_safe_globals',
-    'select_layers'
+    'build_dgms_detector', 'convert_model', 'dgms_layers', 'kmeans_1d',
+    'register_safe_globals', 'select_layers'
 ]

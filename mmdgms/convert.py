@@ -1,7 +1,7 @@
 """Select conv layers of a model by name pattern and swap in DGMS convs."""
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
@@ -10,6 +10,12 @@ from .ops import DGMSConv2d, convertible_conv_types
 from .quant import check_bits
 
 DEFAULT_INCLUDE = ('backbone.*', 'neck.*')
+# Set on a model once its conv layers are converted, by DGMSHook or by the
+# DGMSDetector model builder, so that a converted model is never converted
+# twice (a runner may call before_run again, e.g. testing after training).
+CONVERTED_FLAG = '_dgms_converted'
+# The DGMSConfig that the DGMSDetector builder converted the model with.
+CONVERSION_CONFIG_ATTR = '_dgms_config'
 
 
 @dataclass
@@ -68,6 +74,14 @@ class DGMSConfig:
         """Return the bit width that the config gives the layer ``name``."""
         pattern = self.layer_bits_pattern(name)
         return self.bits if pattern is None else self.layer_bits[pattern]
+
+    def differences(self, other: 'DGMSConfig') -> Dict[str, tuple]:
+        """Return field name -> (own value, other value) where they differ."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        }
 
     def mixture_cfg(self, name: str) -> dict:
         return dict(bits=self.bits_of(name),

@@ -216,7 +216,7 @@ def test_pack_rejects_full_precision_checkpoint(checkpoints, tmp_path):
 def test_pack_rejects_plain_config(checkpoints):
     config, _ = checkpoints['retinanet', 'fp']
     _, checkpoint = checkpoints['retinanet', 4]
-    with pytest.raises(PackError, match='no DGMSHook'):
+    with pytest.raises(PackError, match='neither a DGMSDetector model nor'):
         load_dgms_detector(str(config), str(checkpoint))
 
 

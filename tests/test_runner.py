@@ -5,32 +5,17 @@ on 8 tree tiles. That checkpoint is the load_from of a 2-epoch DGMS run.
 """
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mmengine.config import Config
-from mmengine.hooks import Hook
-from mmengine.runner import Runner
 
 import mmdgms
 from mmdgms.convert import dgms_layers
 from mmdgms.stats import layer_stats, total_stats
 
-from conftest import REPO_ROOT, TEST_CONFIGS, write_config
-
-PYTHON = sys.executable
-
-
-def build_runner(config: Path, work_dir: Path, **options) -> Runner:
-    cfg = Config.fromfile(str(config))
-    cfg.work_dir = str(work_dir)
-    cfg.merge_from_dict(options)
-    return Runner.from_cfg(cfg)
+from conftest import REPO_ROOT, build_runner, run_tool
 
 
 def mixture_state(model) -> dict:
@@ -40,80 +25,11 @@ def mixture_state(model) -> dict:
     }
 
 
-def run_tool(args, cwd=REPO_ROOT) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([PYTHON, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
 def parse_map(log: str) -> list:
     """Return the last 'bbox_mAP_copypaste' line of a log as six floats."""
     lines = re.findall(r'bbox_mAP_copypaste: ([-\d. ]+)', log)
     assert lines, log[-3000:]
     return [float(x) for x in lines[-1].split()]
-
-
-@pytest.fixture(scope='module')
-def configs(tree_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp('configs')
-    fp = write_config(folder / 'fp.py', TEST_CONFIGS / 'tiny_retinanet_fp.py',
-                      tree_data)
-    dgms = write_config(folder / 'dgms.py',
-                        TEST_CONFIGS / 'tiny_retinanet_dgms.py', tree_data)
-    return fp, dgms
-
-
-@pytest.fixture(scope='module')
-def fp_checkpoint(configs, tmp_path_factory):
-    work_dir = tmp_path_factory.mktemp('fp')
-    build_runner(configs[0], work_dir).train()
-    checkpoint = work_dir / 'epoch_1.pth'
-    assert checkpoint.is_file()
-    return checkpoint
-
-
-class GradientRecorder(Hook):
-    """Record the largest absolute gradient of every mixture parameter."""
-
-    priority = 'LOW'  # after DGMSHook has built and initialised the mixtures
-
-    def __init__(self):
-        self.max_grad = {}
-
-    def before_train(self, runner):
-        for name, param in runner.model.named_parameters():
-            if '.mixture.' in name:
-                self.max_grad[name] = 0.0
-                param.register_hook(self._recorder(name))
-
-    def _recorder(self, name):
-        def record(grad):
-            value = float(grad.abs().max())
-            if not math.isfinite(value):
-                value = math.inf
-            self.max_grad[name] = max(self.max_grad[name], value)
-        return record
-
-
-@pytest.fixture(scope='module')
-def dgms_run(configs, fp_checkpoint, tmp_path_factory):
-    """A finished 2-epoch DGMS run: (runner, work_dir, val metrics)."""
-    work_dir = tmp_path_factory.mktemp('dgms')
-    runner = build_runner(configs[1], work_dir,
-                          load_from=str(fp_checkpoint))
-    recorder = GradientRecorder()
-    runner.register_hook(recorder)
-    runner.train()
-    runner.gradient_recorder = recorder
-    hub = runner.message_hub
-    val_map = [
-        hub.get_scalar(f'val/coco/{key}').current()
-        for key in ('bbox_mAP', 'bbox_mAP_50')
-    ]
-    return runner, work_dir, val_map
 
 
 def test_hook_converts_backbone_and_neck(dgms_run):

@@ -3,11 +3,12 @@
 #
 # Installs torch 2.13.0 (see MMDGMS_TORCH_INDEX), mmengine 0.10.7, mmcv 2.1.0
 # with its compiled ops, mmdet 3.3.0, pycocotools, tensorboard 2.21.0 (for
-# MMEngine's TensorboardVisBackend), pytest and this package (editable, with
-# its compiled kernels; needs a C++ compiler). mmcv 2.1.0 is published on
-# PyPI only as source, so it is built once into a wheel cache (20-35 minutes
-# on 2 cores) and installed from there afterwards. A second run with
-# everything in place installs nothing.
+# MMEngine's TensorboardVisBackend), onnx 1.23.2 and onnxruntime 1.31.1 (for
+# tools/export_onnx.py), pytest and this package (editable, with its
+# compiled kernels; needs a C++ compiler). mmcv 2.1.0 is published on PyPI
+# only as source, so it is built once into a wheel cache (20-35 minutes on 2
+# cores) and installed from there afterwards. A second run with everything
+# in place installs nothing.
 #
 # Environment variables:
 #   MMDGMS_VENV         where the virtual environment lives (default: .venv in
@@ -31,6 +32,8 @@ MMCV_VERSION=2.1.0
 MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
 TENSORBOARD_VERSION=2.21.0
+ONNX_VERSION=1.23.2
+ONNXRUNTIME_VERSION=1.31.1
 
 log() { echo "[setup_env] $*" >&2; }
 
@@ -103,20 +106,23 @@ if ! has_version mmcv "$MMCV_VERSION"; then
 fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
-  "tensorboard==$TENSORBOARD_VERSION" "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
+  "tensorboard==$TENSORBOARD_VERSION" \
+  "onnx==$ONNX_VERSION" "onnxruntime==$ONNXRUNTIME_VERSION" \
+  "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
 # setup.py compiles the fused DGMS kernels against the installed torch, so
 # the build must see this environment's torch (no build isolation).
 log "installing mmdgms (editable) and compiling its kernels"
 "${pip[@]}" install --no-deps --no-build-isolation -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
-import mmcv, mmdet, mmengine, torch
+import mmcv, mmdet, mmengine, onnx, onnxruntime, torch
 from torch.utils.tensorboard import SummaryWriter  # TensorboardVisBackend
 from mmcv.ops import nms  # fails when mmcv was built without ops
 import pkg_resources  # mmengine needs it to resolve mmdet:: config paths
 from mmdgms.quant import _fused  # the compiled DGMS kernels
 print(f'[setup_env] torch {torch.__version__}, mmcv {mmcv.__version__} (ops), '
-      f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}')
+      f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
+      f'onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}')
 PY
 echo "$stamp" > "$stamp_file"
 log "environment ready: $venv"

@@ -1,6 +1,8 @@
 """Evaluate a checkpoint (COCO mAP for the COCO-style configs).
 
-DGMS checkpoints are evaluated with hard (codebook) weights.
+DGMS checkpoints are evaluated with hard (codebook) weights. A checkpoint
+that does not fit the config (a DGMS checkpoint with a full-precision config,
+or the other way round) is an error that names the config to use.
 
 Example:
     python tools/test.py configs/dgms/retinanet_r50_4bit.py CKPT.pth
@@ -9,8 +11,11 @@ import argparse
 import os.path as osp
 
 from mmengine.config import Config, DictAction
+from mmengine.model import is_model_wrapper
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
+from mmdgms.apis import (CheckpointMismatchError, check_checkpoint_matches,
+                         read_checkpoint_summary)
 from train import build_runner
 
 
@@ -52,6 +57,15 @@ def main():
     cfg.resume = False
 
     runner = build_runner(cfg)
+    model = runner.model.module if is_model_wrapper(
+        runner.model) else runner.model
+    try:
+        check_checkpoint_matches(model,
+                                 read_checkpoint_summary(args.checkpoint),
+                                 cfg, args.config, hook_will_convert=True)
+    except (CheckpointMismatchError, ValueError) as error:
+        raise SystemExit(f'error: {error}') from None
+
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(

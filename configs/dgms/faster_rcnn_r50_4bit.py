@@ -15,9 +15,17 @@ load_from = 'checkpoints/faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth'
 bits = 4
 
 # See retinanet_r50_4bit.py for why layer1 is unfrozen.
-model = dict(backbone=dict(frozen_stages=0, init_cfg=None))
+# DGMSDetector builds the detector with its conv layers quantized (see
+# configs/trees/retinanet_mnv2_fpn_trees_dgms4.py), and the hook uses the
+# same settings.
+dgms = dict(bits=bits)
+model = dict(
+    type='DGMSDetector',
+    detector_type='FasterRCNN',
+    dgms=dgms,
+    backbone=dict(frozen_stages=0, init_cfg=None))
 
-custom_hooks = [dict(type='DGMSHook', bits=bits)]
+custom_hooks = [dict(type='DGMSHook', **dgms)]
 
 max_epochs = 6
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)

@@ -16,13 +16,14 @@
 _base_ = ['./faster_rcnn_r50_4bit.py']
 
 bits = 3
-custom_hooks = [
-    dict(
-        type='DGMSHook',
-        bits=bits,
-        layer_bits={
-            'backbone.layer1.*': 8,
-            'neck.*': 8,
-            'backbone.layer4.*': 2,
-        })
-]
+# The model is built converted (DGMSDetector) and the hook trains it, so
+# both get the same settings.
+dgms = dict(
+    bits=bits,
+    layer_bits={
+        'backbone.layer1.*': 8,
+        'neck.*': 8,
+        'backbone.layer4.*': 2,
+    })
+model = dict(dgms=dgms)
+custom_hooks = [dict(type='DGMSHook', **dgms)]

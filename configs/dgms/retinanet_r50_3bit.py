@@ -4,4 +4,8 @@
 _base_ = ['./retinanet_r50_4bit.py']
 
 bits = 3
-custom_hooks = [dict(type='DGMSHook', bits=bits)]
+# The model is built converted (DGMSDetector) and the hook trains it, so
+# both get the same settings.
+dgms = dict(bits=bits)
+model = dict(dgms=dgms)
+custom_hooks = [dict(type='DGMSHook', **dgms)]

@@ -19,9 +19,17 @@ bits = 4
 # quantized. A frozen stage runs in eval mode, where DGMS layers use hard
 # weights and their mixtures would not learn. load_from provides every
 # weight, so the ImageNet initialisation is not needed.
-model = dict(backbone=dict(frozen_stages=0, init_cfg=None))
+# DGMSDetector builds the detector with its conv layers quantized (see
+# configs/trees/retinanet_mnv2_fpn_trees_dgms4.py), and the hook uses the
+# same settings.
+dgms = dict(bits=bits)
+model = dict(
+    type='DGMSDetector',
+    detector_type='RetinaNet',
+    dgms=dgms,
+    backbone=dict(frozen_stages=0, init_cfg=None))
 
-custom_hooks = [dict(type='DGMSHook', bits=bits)]
+custom_hooks = [dict(type='DGMSHook', **dgms)]
 
 # Fine-tuning schedule: 6 epochs at a tenth of the 1x learning rate with a
 # cosine decay. The mixture parameters get a 10x larger rate (the codebook

@@ -20,14 +20,15 @@
 _base_ = ['./retinanet_r50_4bit.py']
 
 bits = 3
-custom_hooks = [
-    dict(
-        type='DGMSHook',
-        bits=bits,
-        layer_bits={
-            'backbone.layer1.*': 8,
-            'neck.fpn_convs.3.*': 3,
-            'neck.*': 8,
-            'backbone.layer4.*': 2,
-        })
-]
+# The model is built converted (DGMSDetector) and the hook trains it, so
+# both get the same settings.
+dgms = dict(
+    bits=bits,
+    layer_bits={
+        'backbone.layer1.*': 8,
+        'neck.fpn_convs.3.*': 3,
+        'neck.*': 8,
+        'backbone.layer4.*': 2,
+    })
+model = dict(dgms=dgms)
+custom_hooks = [dict(type='DGMSHook', **dgms)]

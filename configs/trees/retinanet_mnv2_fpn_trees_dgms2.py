@@ -3,4 +3,6 @@
 _base_ = ['./retinanet_mnv2_fpn_trees_dgms4.py']
 
 bits = 2
-custom_hooks = [dict(type='DGMSHook', bits=bits)]
+dgms = dict(bits=bits)
+model = dict(dgms=dgms)
+custom_hooks = [dict(type='DGMSHook', **dgms)]

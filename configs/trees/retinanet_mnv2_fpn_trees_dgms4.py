@@ -7,9 +7,19 @@ _base_ = ['./retinanet_mnv2_fpn_trees_fp.py']
 # stage); override with --cfg-options load_from=PATH.
 load_from = 'work_dirs/demo/fp/epoch_20.pth'
 bits = 4
-model = dict(backbone=dict(init_cfg=None))
+# One set of DGMS settings for the model and the hook. DGMSDetector builds
+# the RetinaNet with its conv layers already quantized, so init_detector,
+# DetInferencer and tools/test.py load a checkpoint of this config into the
+# model that training saved it from. DGMSHook then finds the model converted,
+# checks that its own settings agree, and handles the training.
+dgms = dict(bits=bits)
+model = dict(
+    type='DGMSDetector',
+    detector_type='RetinaNet',
+    dgms=dgms,
+    backbone=dict(init_cfg=None))
 
-custom_hooks = [dict(type='DGMSHook', bits=bits)]
+custom_hooks = [dict(type='DGMSHook', **dgms)]
 
 max_epochs = 6
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)

@@ -13,14 +13,13 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
-from ..convert import DEFAULT_INCLUDE, DGMSConfig, convert_model, dgms_layers
+from ..convert import (CONVERSION_CONFIG_ATTR, CONVERTED_FLAG,
+                       DEFAULT_INCLUDE, DGMSConfig, convert_model,
+                       dgms_layers)
 from ..ops import set_hard_weight_cache
 from ..stats import bit_width_stats, format_table, layer_stats, total_stats
 
 CHECKPOINT_META_KEY = 'dgms'
-# Set on a model once the hook has converted it (a runner may call
-# before_run again, e.g. testing after training).
-CONVERTED_FLAG = '_dgms_converted'
 
 # Scalar names. Totals go through the message hub as
 # '<mode>/<group>/<name>', which LoggerHook logs as '<group>/<name>'.
@@ -46,7 +45,9 @@ class DGMSHook(Hook):
     - ``before_run``: the selected conv layers (by default every conv of the
       backbone and the neck except the stem) become
       :class:`~mmdgms.ops.DGMSConv2d`, keeping their weight and bias
-      Parameters. When training, the optimizer wrapper and parameter
+      Parameters. A model built by ``DGMSDetector`` arrives converted: the
+      hook then only checks that its settings equal the model's. When
+      training, the optimizer wrapper and parameter
       schedulers are built again from the config so that they include the
       mixture parameters (``paramwise_cfg`` applies to them as to any other
       parameter: their names contain ``.mixture.``). A distributed model
@@ -162,6 +163,8 @@ class DGMSHook(Hook):
         model = self._unwrap(runner)
         if not getattr(model, CONVERTED_FLAG, False):
             self._convert(runner, model)
+        else:
+            self._check_built_conversion(model)
         if training:
             self._rebuild_optimizer(runner)
 
@@ -194,6 +197,23 @@ class DGMSHook(Hook):
             old._remove_autograd_hooks()
         runner.model = runner.wrap_model(
             copy.deepcopy(runner.cfg.get('model_wrapper_cfg')), model)
+
+    def _check_built_conversion(self, model) -> None:
+        # A model built by DGMSDetector arrives converted, so the hook's own
+        # conversion settings must agree with the ones it was built with.
+        built_with = getattr(model, CONVERSION_CONFIG_ATTR, None)
+        if built_with is None or built_with == self.dgms_cfg:
+            return
+        differences = ', '.join(
+            f'{name}: model {ours!r}, hook {theirs!r}'
+            for name, (ours, theirs) in built_with.differences(
+                self.dgms_cfg).items())
+        raise ValueError(
+            'the model was built by DGMSDetector with other DGMS settings '
+            f'than DGMSHook has ({differences}). Give both the same '
+            "settings, e.g. dgms = dict(bits=4), model = dict(type="
+            "'DGMSDetector', ..., dgms=dgms) and custom_hooks = "
+            "[dict(type='DGMSHook', **dgms)]")
 
     def _rebuild_optimizer(self, runner) -> None:
         optim_cfg = runner.cfg.get('optim_wrapper')

@@ -38,9 +38,10 @@ def _find_dgms_hook(cfg: Config, config_path: str) -> dict:
     ]
     if not hooks:
         raise PackError(
-            f'{config_path} has no DGMSHook in custom_hooks, so it does not '
-            'describe a DGMS model. Pass the DGMS config the checkpoint was '
-            'trained with (e.g. one in configs/dgms/)')
+            f'{config_path} has neither a DGMSDetector model nor a DGMSHook '
+            'in custom_hooks, so it does not describe a DGMS model. Pass the '
+            'DGMS config the checkpoint was trained with (e.g. one in '
+            'configs/dgms/)')
     return copy.deepcopy(hooks[0])
 
 
@@ -66,6 +67,17 @@ def build_model(cfg: Config):
     return MODELS.build(model_cfg)
 
 
+def plain_model_config(model_cfg: dict) -> dict:
+    """Return the full-precision detector's config: a ``DGMSDetector``
+    entry becomes its ``detector_type`` without the DGMS settings, and
+    ``init_cfg`` entries are removed."""
+    plain = _strip_init_cfg(dict(model_cfg))
+    if str(plain.get('type', '')).split('.')[-1] == 'DGMSDetector':
+        plain['type'] = plain.pop('detector_type')
+        plain.pop('dgms', None)
+    return plain
+
+
 def _checkpoint_hint(meta: dict) -> str:
     text = meta.get('cfg') if isinstance(meta, dict) else None
     if isinstance(text, str):
@@ -89,16 +101,19 @@ def load_dgms_detector(config_path: str, checkpoint_path: str):
     """
     import mmdgms  # noqa: F401  (registers the hook and safe loading)
     from mmengine.registry import HOOKS
-    from ..convert import convert_model, dgms_layers
+    from ..convert import CONVERTED_FLAG, convert_model, dgms_layers
 
     for path, kind in ((config_path, 'config'), (checkpoint_path,
                                                  'checkpoint')):
         if not osp.isfile(path):
             raise FileNotFoundError(f'{kind} file not found: {path}')
     cfg = Config.fromfile(config_path)
-    hook = HOOKS.build(_find_dgms_hook(cfg, config_path))
     model = build_model(cfg)
-    convert_model(model, hook.dgms_cfg)
+    # A DGMSDetector model config builds the model converted; a config with
+    # DGMSHook alone builds it in full precision and the hook converts it.
+    if not getattr(model, CONVERTED_FLAG, False):
+        hook = HOOKS.build(_find_dgms_hook(cfg, config_path))
+        convert_model(model, hook.dgms_cfg)
 
     checkpoint = torch.load(checkpoint_path, map_location='cpu',
                             weights_only=True)
@@ -186,10 +201,11 @@ def describe_model(cfg: Config, meta: dict, graphs: Dict, info: Dict,
     from mmdgms import __version__
 
     preprocessor = cfg.model.get('data_preprocessor') or {}
+    model_config = plain_model_config(cfg.model.to_dict())
     return dict(
         producer=f'mmdgms {__version__}',
         source=osp.basename(source),
-        detector=dict(info, type=cfg.model.get('type')),
+        detector=dict(info, type=model_config['type']),
         classes=_classes(cfg, meta),
         preprocess=dict(
             mean=list(preprocessor.get('mean', [0, 0, 0])),
@@ -199,7 +215,7 @@ def describe_model(cfg: Config, meta: dict, graphs: Dict, info: Dict,
             pad_value=float(preprocessor.get('pad_value', 0)),
             resize=_test_resize(cfg)),
         dgms=quantized_summary(graphs),
-        model_config=_strip_init_cfg(cfg.model.to_dict()))
+        model_config=model_config)
 
 
 @torch.no_grad()
