@@ -52,7 +52,8 @@ def dist_run(tree_data, tmp_path_factory):
     """Run 2 ranks for 2 epochs and return (work dir, load_from, output)."""
     folder = tmp_path_factory.mktemp('dist')
     config = write_config(
-        folder / 'dgms.py', TEST_CONFIGS / 'tiny_retinanet_dgms.py', tree_data,
+        folder / 'dgms.py', TEST_CONFIGS / 'tiny_retinanet_dgms_hook.py',
+        tree_data,
         "custom_imports = dict(imports=['mmdgms', 'rank_state_hook'], "
         "allow_failed_imports=False)\n"
         # Mixed precision, so that the ranks also agree on codebooks of

@@ -9,7 +9,8 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from mmdgms import DGMSConfig, DGMSHook, convert_model
-from mmdgms.convert import select_layers
+from mmdgms.convert import (CONVERSION_CONFIG_ATTR, CONVERTED_FLAG,
+                            dgms_layers, select_layers)
 from mmdgms.stats import bit_width_stats, format_table, layer_stats
 
 from conftest import REPO_ROOT, TEST_CONFIGS
@@ -42,6 +43,11 @@ def convert_config(name):
     hook = HOOKS.build(dgms_hook_cfg(cfg))
     assert isinstance(hook, DGMSHook)
     model = build_detector(path)
+    if getattr(model, CONVERTED_FLAG, False):
+        # DGMSDetector built it converted: the hook must hold the same
+        # settings, or training would stop with an error.
+        assert getattr(model, CONVERSION_CONFIG_ATTR) == hook.dgms_cfg
+        return model, dgms_layers(model)
     layers = convert_model(model, hook.dgms_cfg)
     return model, layers
 

@@ -19,8 +19,8 @@ from mmdgms.pack.detectors import trace_detector
 from mmdgms.pack.packer import build_model, describe_model
 from mmdgms.pack.writer import encode_packed
 
-from conftest import REPO_ROOT, TEST_CONFIGS, write_config
-from test_runner import parse_map, run_tool
+from conftest import REPO_ROOT, TEST_CONFIGS, run_tool, write_config
+from test_runner import parse_map
 
 BASES = {
     'retinanet': TEST_CONFIGS / 'tiny_retinanet_fp.py',
@@ -157,18 +157,6 @@ def assert_detections_close(expected, got, top=10):
         assert bool(match.any()), (i, expected.bboxes[i], expected.scores[i])
 
 
-def run_failing_tool(args) -> str:
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.parametrize('name', list(BASES))
 def test_packed_map_equals_checkpoint_map(checkpoints, name, tmp_path):
     config, checkpoint = checkpoints[name, 4]
@@ -207,8 +195,9 @@ def test_pack_rejects_full_precision_checkpoint(checkpoints, tmp_path):
     config, _ = checkpoints['retinanet', 4]
     _, fp_checkpoint = checkpoints['retinanet', 'fp']
     out = tmp_path / 'model.dgms'
-    log = run_failing_tool(
-        [REPO_ROOT / 'tools' / 'pack.py', config, fp_checkpoint, '-o', out])
+    log = run_tool(
+        [REPO_ROOT / 'tools' / 'pack.py', config, fp_checkpoint, '-o', out],
+        expect_success=False)
     assert 'never trained with DGMS' in log
     assert list(tmp_path.iterdir()) == []
 
@@ -230,8 +219,9 @@ def test_pack_rejects_mismatched_config(checkpoints, tmp_path, config_key,
     _, checkpoint = checkpoints['retinanet', 4]
     out = tmp_path / 'model.dgms'
     out.write_bytes(b'previous model')
-    log = run_failing_tool(
-        [REPO_ROOT / 'tools' / 'pack.py', config, checkpoint, '-o', out])
+    log = run_tool(
+        [REPO_ROOT / 'tools' / 'pack.py', config, checkpoint, '-o', out],
+        expect_success=False)
     assert message in log
     assert 'Pass the config' in log
     assert out.read_bytes() == b'previous model'
@@ -242,8 +232,19 @@ def test_test_packed_rejects_corrupt_file(checkpoints, tmp_path):
     config, _ = checkpoints['retinanet', 4]
     bad = tmp_path / 'bad.dgms'
     bad.write_bytes(b'DGMSPACK' + b'\0' * 100)
-    log = run_failing_tool(
-        [REPO_ROOT / 'tools' / 'test_packed.py', config, bad])
+    log = run_tool(
+        [REPO_ROOT / 'tools' / 'test_packed.py', config, bad],
+        expect_success=False)
     assert 'error:' in log
     assert 'invalid format version 0.0' in log
     assert 'Traceback' not in log
+
+
+def test_report_without_output_writes_nothing(checkpoints, tmp_path):
+    config, checkpoint = checkpoints['faster_rcnn', 3]
+    log = run_tool([REPO_ROOT / 'tools' / 'pack.py', config, checkpoint,
+                    '--report'], cwd=tmp_path)
+    assert 'roi_head.bbox_head.fc_cls' in log
+    assert '3.00 bits per weight on average' in log
+    assert 'no file written' in log
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmengine.hooks import Hook
 
 import mmdgms
 from mmdgms.convert import dgms_layers
