@@ -1,0 +1,240 @@
+// Quantized (codebook) and dense FP32 2-D convolution layers for batch-1
+// inference on CPUs.
+//
+// Activation layout: every tensor is float32 NCHW with batch 1, that is
+// [channels][height][width], row-major and densely packed. The kernels
+// vectorise over output pixels along a row, which NCHW keeps contiguous
+// in memory (docs/deploy_arm.md explains the choice).
+//
+// A layer is created once from its description (validated and repacked into
+// the kernel's layout) and then run any number of times, also concurrently
+// from several threads. All calls return a Status instead of throwing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dgms_rt/status.h"
+#include "dgms_rt/thread_pool.h"
+
+namespace dgms_rt {
+
+// Instruction set of a kernel. kAuto picks the best one this CPU supports.
+enum class Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kNeon = 3 };
+
+// Returns "auto", "scalar", "avx2" or "neon".
+const char* isa_name(Isa isa);
+
+// Returns true when this build contains the kernels for isa and the CPU
+// running it supports them. kScalar and kAuto are always supported.
+bool isa_supported(Isa isa);
+
+// Resolves kAuto to the fastest supported instruction set; returns other
+// values unchanged.
+Isa resolve_isa(Isa isa);
+
+enum class Activation { kNone = 0, kReLU = 1, kReLU6 = 2 };
+
+// Kernel of a quantized layer. Both use the codebook directly.
+// - kAccumulate sums the inputs that share a codebook index and
+//   multiplies each sum by its codebook value once, skipping index 0, so
+//   its time falls with the pruned fraction.
+// - kLookup decodes each weight as codebook[index] inside a multiply-add
+//   kernel blocked over output channels, like the dense one, from 1-byte
+//   indices; its time does not depend on the pruned fraction.
+// - kAuto picks kAccumulate when at least kAccumulateMinSparsity of the
+//   weights have index 0, else kLookup.
+enum class QuantKernel { kAuto = 0, kAccumulate = 1, kLookup = 2 };
+
+// Pruned fraction from which kAuto picks kAccumulate: near the break-even
+// measured on x86 AVX2 (docs/deploy_arm.md).
+// NOTE: not measured on ARM; the NEON break-even is an estimate.
+constexpr double kAccumulateMinSparsity = 0.5;
+
+// Returns "auto", "accumulate" or "lookup".
+const char* quant_kernel_name(QuantKernel kernel);
+
+// Geometry of a 2-D convolution, with PyTorch's meaning of every field.
+// Input channels and output channels must both be divisible by groups;
+// depthwise is groups == in_channels == out_channels.
+struct ConvGeometry {
+  int64_t out_channels = 0;
+  int64_t in_channels = 0;
+  int64_t groups = 1;
+  int64_t kernel_h = 1;
+  int64_t kernel_w = 1;
+  int64_t stride_h = 1;
+  int64_t stride_w = 1;
+  int64_t pad_h = 0;
+  int64_t pad_w = 0;
+  int64_t dilation_h = 1;
+  int64_t dilation_w = 1;
+};
+
+// Limits enforced on descriptions and inputs. A value beyond them is
+// rejected with kInvalidArgument; offsets inside the kernels are int32, so
+// every buffer a kernel indexes stays below 2^31 elements.
+struct ConvLimits {
+  static constexpr int64_t kMaxChannels = int64_t(1) << 20;
+  static constexpr int64_t kMaxKernel = 1024;
+  static constexpr int64_t kMaxStride = 1024;
+  static constexpr int64_t kMaxDilation = 1024;
+  static constexpr int64_t kMaxPad = 1024;
+  static constexpr int64_t kMaxSpatial = int64_t(1) << 20;
+  static constexpr int64_t kMaxElements = (int64_t(1) << 31) - 1;
+};
+
+// A quantized conv layer in the packed file's canonical form.
+//
+// y[o] = act(scale[o] * sum(codebook[index] * x) + bias[o])
+//
+// indices holds out_channels * (in_channels / groups) * kernel_h * kernel_w
+// codebook indices in PyTorch OIHW order, each `bits` wide, packed
+// LSB-first into one byte stream: index j occupies stream bits
+// [j * bits, (j + 1) * bits), and stream bit i is bit (i % 8) of byte i / 8.
+// The unused high bits of the last byte must be zero. codebook[0] must be
+// 0.0, the pruned component; weights with index 0 are skipped.
+// Every pointer is only read during create(); the layer keeps no reference.
+struct QuantConvDesc {
+  ConvGeometry geometry;
+  int bits = 0;                      // 1..8
+  const float* codebook = nullptr;   // 2^bits values
+  int64_t codebook_size = 0;
+  const uint8_t* indices = nullptr;  // ceil(weights * bits / 8) bytes
+  int64_t indices_size = 0;
+  const float* scale = nullptr;      // out_channels values
+  int64_t scale_size = 0;
+  const float* bias = nullptr;       // out_channels values
+  int64_t bias_size = 0;
+  Activation activation = Activation::kNone;
+};
+
+// A dense FP32 conv layer: y[o] = act(sum(weight * x) + bias[o]).
+// weights holds out_channels * (in_channels / groups) * kernel_h * kernel_w
+// floats in OIHW order. bias may be null (then bias_size must be 0).
+struct DenseConvDesc {
+  ConvGeometry geometry;
+  const float* weights = nullptr;
+  int64_t weights_size = 0;
+  const float* bias = nullptr;
+  int64_t bias_size = 0;
+  Activation activation = Activation::kNone;
+};
+
+// Checks a geometry against ConvLimits and the divisibility rules.
+Status validate_geometry(const ConvGeometry& geometry);
+
+// Computes the output height and width for an input of height x width, or
+// an error when the input is empty, too large, or smaller than the dilated
+// kernel after padding.
+Status conv_output_size(const ConvGeometry& geometry, int64_t height,
+                        int64_t width, int64_t* out_height,
+                        int64_t* out_width);
+
+// Decodes a description's packed indices into one uint8 per weight
+// (OIHW order), after validating the description. Used by tests and tools
+// that need the plain weights.
+Status unpack_indices(const QuantConvDesc& desc, std::vector<uint8_t>* out);
+
+struct ConvPlan;     // shape-dependent tables, built on first run per shape
+struct ConvWeights;  // repacked weights, kernel-specific
+
+// Base of both layer kinds: geometry, the chosen instruction set and the
+// shape-dependent plan cache. Not constructible directly.
+class Conv2d {
+ public:
+  virtual ~Conv2d();
+
+  const ConvGeometry& geometry() const { return geometry_; }
+  Activation activation() const { return activation_; }
+  Isa isa() const { return isa_; }
+
+  // Runs the layer on input [in_channels][height][width] and writes
+  // output [out_channels][out_height][out_width]; input_size and
+  // output_size are element counts and must match exactly. pool may be
+  // null (single thread). A run with a (height, width) other than the
+  // previous run's builds that shape's offset tables, so alternating
+  // shapes rebuild them every time; runs with the same shape reuse them.
+  // Each calling thread keeps a prepared-input buffer between runs.
+  Status run(const float* input, int64_t input_size, int64_t height,
+             int64_t width, float* output, int64_t output_size,
+             ThreadPool* pool) const;
+
+ protected:
+  Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa);
+
+  // Builds the kernel-specific part of a plan (tap offsets).
+  virtual Status fill_plan(ConvPlan* plan) const = 0;
+  // Runs the kernel over the prepared input.
+  virtual void compute(const ConvPlan& plan, const float* prepared,
+                       float* output, ThreadPool* pool) const = 0;
+
+  Status get_plan(int64_t height, int64_t width,
+                  std::shared_ptr<const ConvPlan>* plan) const;
+
+  ConvGeometry geometry_;
+  Activation activation_;
+  Isa isa_;
+  int lanes_ = 1;          // output pixels per kernel vector
+  int tile_segments_ = 1;  // vectors per kernel call, set by the subclass
+
+ private:
+  mutable std::mutex plan_mutex_;
+  mutable std::shared_ptr<const ConvPlan> plan_;
+};
+
+// Quantized conv with codebook kernels (see QuantKernel).
+class QuantConv2d : public Conv2d {
+ public:
+  // Validates desc and repacks it for the chosen kernel. isa kAuto picks
+  // the fastest supported instruction set; an explicit isa that is not
+  // supported returns kUnsupported.
+  static Status create(const QuantConvDesc& desc, Isa isa,
+                       std::unique_ptr<QuantConv2d>* out,
+                       QuantKernel kernel = QuantKernel::kAuto);
+  ~QuantConv2d() override;
+
+  // The kernel in use (never kAuto).
+  QuantKernel kernel() const { return kernel_; }
+  int bits() const { return bits_; }
+  // Fraction of weights with index 0 (pruned, skipped by the kernels).
+  double sparsity() const { return sparsity_; }
+
+ protected:
+  Status fill_plan(ConvPlan* plan) const override;
+  void compute(const ConvPlan& plan, const float* prepared, float* output,
+               ThreadPool* pool) const override;
+
+ private:
+  QuantConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
+              QuantKernel kernel);
+
+  QuantKernel kernel_;
+  int bits_ = 0;
+  double sparsity_ = 0.0;
+  std::unique_ptr<ConvWeights> weights_;
+};
+
+// Dense FP32 conv: the full-precision layers and the speed baseline.
+class DenseConv2d : public Conv2d {
+ public:
+  static Status create(const DenseConvDesc& desc, Isa isa,
+                       std::unique_ptr<DenseConv2d>* out);
+  ~DenseConv2d() override;
+
+ protected:
+  Status fill_plan(ConvPlan* plan) const override;
+  void compute(const ConvPlan& plan, const float* prepared, float* output,
+               ThreadPool* pool) const override;
+
+ private:
+  DenseConv2d(const ConvGeometry& geometry, Activation activation, Isa isa);
+
+  std::unique_ptr<ConvWeights> weights_;
+};
+
+}  // namespace dgms_rt

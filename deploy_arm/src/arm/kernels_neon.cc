@@ -1,0 +1,64 @@
+// AArch64 NEON kernels: 4 output pixels per 128-bit vector. NEON (ASIMD)
+// is part of the AArch64 baseline, so no runtime check is needed.
+#include <arm_neon.h>
+
+#include "../kernels.h"
+
+namespace dgms_rt {
+namespace detail {
+namespace {
+
+struct Ops {
+  using Vec = float32x4_t;
+  static constexpr int kLanes = 4;
+  static Vec zero() { return vdupq_n_f32(0.0f); }
+  static Vec set1(float v) { return vdupq_n_f32(v); }
+  static Vec load(const float* p) { return vld1q_f32(p); }
+  static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
+  static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
+  static Vec fused(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
+  static Vec max(Vec a, Vec b) { return vmaxq_f32(a, b); }
+  static Vec min(Vec a, Vec b) { return vminq_f32(a, b); }
+  static void store(float* p, Vec v, int lanes) {
+    if (lanes == kLanes) {
+      vst1q_f32(p, v);
+      return;
+    }
+    float tmp[kLanes];
+    vst1q_f32(tmp, v);
+    for (int i = 0; i < lanes; ++i) p[i] = tmp[i];
+  }
+};
+
+#include "../kernel_impl.h"
+
+// 8 segments (32 pixels) x 2 partial sums = 16 add chains plus 8 output
+// accumulators: 24 of the 32 vector registers.
+constexpr int kQuantTile = 8;
+// 4 output channels x 5 segments = 20 accumulators + 5 inputs + weights.
+constexpr int kDenseTile = 5;
+constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 8;
+
+}  // namespace
+
+const KernelTable& neon_kernels() {
+  static const KernelTable table = {
+      Isa::kNeon,
+      Ops::kLanes,
+      kQuantTile,
+      kDenseTile,
+      kDenseOutBlock,
+      kDenseSingleTile,
+      &quant_tile<Ops, kQuantTile>,
+      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
+  };
+  return table;
+}
+
+}  // namespace detail
+}  // namespace dgms_rt

@@ -1,0 +1,353 @@
+// Geometry validation, shape plans, input preparation and the run loop
+// shared by the quantized and dense layers.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "conv_internal.h"
+
+namespace dgms_rt {
+namespace {
+
+Status invalid(const std::string& message) {
+  return Status(StatusCode::kInvalidArgument, message);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+Status check_range(const char* name, int64_t value, int64_t min_value,
+                   int64_t max_value) {
+  if (value < min_value || value > max_value) {
+    return invalid(std::string(name) + " is " + str(value) +
+                   ", expected a value in [" + str(min_value) + ", " +
+                   str(max_value) + "]");
+  }
+  return Status::Ok();
+}
+
+// Multiplies non-negative values; false when the product exceeds limit.
+bool mul_within(int64_t a, int64_t b, int64_t limit, int64_t* out) {
+  int64_t product = 0;
+  if (__builtin_mul_overflow(a, b, &product) || product > limit) {
+    return false;
+  }
+  *out = product;
+  return true;
+}
+
+}  // namespace
+
+Status validate_geometry(const ConvGeometry& g) {
+  const struct {
+    const char* name;
+    int64_t value, min_value, max_value;
+  } fields[] = {
+      {"out_channels", g.out_channels, 1, ConvLimits::kMaxChannels},
+      {"in_channels", g.in_channels, 1, ConvLimits::kMaxChannels},
+      {"groups", g.groups, 1, ConvLimits::kMaxChannels},
+      {"kernel_h", g.kernel_h, 1, ConvLimits::kMaxKernel},
+      {"kernel_w", g.kernel_w, 1, ConvLimits::kMaxKernel},
+      {"stride_h", g.stride_h, 1, ConvLimits::kMaxStride},
+      {"stride_w", g.stride_w, 1, ConvLimits::kMaxStride},
+      {"pad_h", g.pad_h, 0, ConvLimits::kMaxPad},
+      {"pad_w", g.pad_w, 0, ConvLimits::kMaxPad},
+      {"dilation_h", g.dilation_h, 1, ConvLimits::kMaxDilation},
+      {"dilation_w", g.dilation_w, 1, ConvLimits::kMaxDilation},
+  };
+  for (const auto& f : fields) {
+    Status status = check_range(f.name, f.value, f.min_value, f.max_value);
+    if (!status.ok()) return status;
+  }
+
+  if (g.in_channels % g.groups != 0 || g.out_channels % g.groups != 0) {
+    return invalid("groups (" + str(g.groups) +
+                   ") must divide in_channels (" + str(g.in_channels) +
+                   ") and out_channels (" + str(g.out_channels) + ")");
+  }
+
+  int64_t taps = 0;
+  int64_t weights = 0;
+  if (!mul_within(g.in_channels / g.groups, g.kernel_h * g.kernel_w,
+                  ConvLimits::kMaxElements, &taps) ||
+      !mul_within(taps, g.out_channels, ConvLimits::kMaxElements, &weights)) {
+    return invalid("the layer has more than " +
+                   str(ConvLimits::kMaxElements) + " weights (out_channels " +
+                   str(g.out_channels) + " x in_channels/groups " +
+                   str(g.in_channels / g.groups) + " x kernel " +
+                   str(g.kernel_h) + "x" + str(g.kernel_w) + ")");
+  }
+  return Status::Ok();
+}
+
+Status conv_output_size(const ConvGeometry& g, int64_t height, int64_t width,
+                        int64_t* out_height, int64_t* out_width) {
+  Status status = check_range("input height", height, 1,
+                              ConvLimits::kMaxSpatial);
+  if (!status.ok()) return status;
+  status = check_range("input width", width, 1, ConvLimits::kMaxSpatial);
+  if (!status.ok()) return status;
+
+  // All terms are bounded by the limits above, so nothing overflows.
+  const int64_t padded_h = height + 2 * g.pad_h;
+  const int64_t padded_w = width + 2 * g.pad_w;
+  const int64_t extent_h = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t extent_w = g.dilation_w * (g.kernel_w - 1) + 1;
+  if (padded_h < extent_h || padded_w < extent_w) {
+    return invalid("input " + str(height) + "x" + str(width) +
+                   " padded to " + str(padded_h) + "x" + str(padded_w) +
+                   " is smaller than the dilated kernel " + str(extent_h) +
+                   "x" + str(extent_w) + ": use a larger input");
+  }
+  *out_height = (padded_h - extent_h) / g.stride_h + 1;
+  *out_width = (padded_w - extent_w) / g.stride_w + 1;
+  return Status::Ok();
+}
+
+Status check_float_array(const char* name, const float* data, int64_t size,
+                         int64_t expected) {
+  if (data == nullptr) {
+    return invalid(std::string(name) + " is null, expected " + str(expected) +
+                   " values");
+  }
+  if (size != expected) {
+    return invalid(std::string(name) + " has " + str(size) +
+                   " values, expected " + str(expected));
+  }
+  for (int64_t i = 0; i < size; ++i) {
+    if (!std::isfinite(data[i])) {
+      return invalid(std::string(name) + "[" + str(i) + "] is " +
+                     std::to_string(data[i]) + ", expected a finite value");
+    }
+  }
+  return Status::Ok();
+}
+
+int64_t tap_offset(const ConvGeometry& g, const ConvPlan& plan, int64_t c,
+                   int64_t kh, int64_t kw) {
+  const int64_t column = kw * g.dilation_w;
+  return c * plan.plane + kh * g.dilation_h * plan.row_stride +
+         (column % g.stride_w) * plan.phase_w + column / g.stride_w;
+}
+
+void local_tap_offsets(const ConvGeometry& g, const ConvPlan& plan,
+                       std::vector<int32_t>* table) {
+  const int64_t channels = g.in_channels / g.groups;
+  table->resize(channels * g.kernel_h * g.kernel_w);
+  int64_t t = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        (*table)[t++] = static_cast<int32_t>(tap_offset(g, plan, c, kh, kw));
+      }
+    }
+  }
+}
+
+int64_t chunk_size(int64_t count, int64_t target_units, int64_t min_chunks) {
+  int64_t size = std::max<int64_t>(1, std::min(count, target_units));
+  while (size > 1 && (count + size - 1) / size < min_chunks) {
+    size = (size + 1) / 2;
+  }
+  return size;
+}
+
+int64_t output_block(const ConvGeometry& g,
+                     const detail::KernelTable& kernels) {
+  return g.out_channels / g.groups < kernels.dense_out_block
+             ? 1
+             : kernels.dense_out_block;
+}
+
+void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
+                 int64_t num_tiles,
+                 const std::function<void(int64_t, int64_t, int64_t)>& kernel) {
+  const int threads = pool != nullptr ? pool->num_threads() : 1;
+  const int64_t blocks_per_chunk =
+      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_weights),
+                 (4 * threads + num_tiles - 1) / num_tiles);
+  const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+
+  run_parallel(pool, chunks * num_tiles, [&](int64_t item) {
+    const int64_t begin = (item / num_tiles) * blocks_per_chunk;
+    const int64_t end = std::min(blocks, begin + blocks_per_chunk);
+    kernel(item % num_tiles, begin, end);
+  });
+}
+
+void run_parallel(ThreadPool* pool, int64_t count,
+                  const std::function<void(int64_t)>& fn) {
+  if (pool != nullptr) {
+    pool->parallel_for(count, fn);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) fn(i);
+}
+
+Conv2d::Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa)
+    : geometry_(geometry), activation_(activation), isa_(isa) {}
+
+Conv2d::~Conv2d() = default;
+
+Status Conv2d::get_plan(int64_t height, int64_t width,
+                        std::shared_ptr<const ConvPlan>* out) const {
+  std::lock_guard<std::mutex> lock(plan_mutex_);
+  if (plan_ && plan_->height == height && plan_->width == width) {
+    *out = plan_;
+    return Status::Ok();
+  }
+
+  const ConvGeometry& g = geometry_;
+  auto plan = std::make_shared<ConvPlan>();
+  plan->height = height;
+  plan->width = width;
+  Status status =
+      conv_output_size(g, height, width, &plan->out_h, &plan->out_w);
+  if (!status.ok()) return status;
+
+  // The last vector of a row may run past out_w, so phase_w leaves room
+  // for it and every load stays inside the buffer. The extra lanes read
+  // zeros and are not stored.
+  const int64_t padded_w = width + 2 * g.pad_w;
+  const int64_t rounded_w = (plan->out_w + lanes_ - 1) / lanes_ * lanes_;
+  const int64_t max_shift = (g.kernel_w - 1) * g.dilation_w / g.stride_w;
+  plan->padded_h = height + 2 * g.pad_h;
+  plan->phase_w = std::max((padded_w + g.stride_w - 1) / g.stride_w,
+                           rounded_w + max_shift);
+  plan->row_stride = g.stride_w * plan->phase_w;
+
+  // Channel planes start an odd number of 64-byte cache lines apart.
+  // With a power-of-two plane size the taps of consecutive channels would
+  // map to one L1 cache set and evict each other (4 KiB aliasing).
+  int64_t plane = 0;
+  int64_t total = 0;
+  int64_t out_total = 0;
+  if (!mul_within(plan->padded_h, plan->row_stride, ConvLimits::kMaxElements,
+                  &plane) ||
+      !mul_within((plane + 31) / 32 * 32 + 16, g.in_channels,
+                  ConvLimits::kMaxElements, &total) ||
+      !mul_within(plan->out_h * plan->out_w, g.out_channels,
+                  ConvLimits::kMaxElements, &out_total)) {
+    return invalid("input " + str(g.in_channels) + "x" + str(height) + "x" +
+                   str(width) + " is too large for this layer: the padded " +
+                   "input or the output exceeds " +
+                   str(ConvLimits::kMaxElements) + " elements");
+  }
+
+  plan->plane = (plane + 31) / 32 * 32 + 16;
+
+  const int64_t per_row = rounded_w / lanes_;
+  const int64_t segments = plan->out_h * per_row;
+  plan->num_tiles = (segments + tile_segments_ - 1) / tile_segments_;
+  plan->segments.reserve(plan->num_tiles * tile_segments_);
+  for (int64_t oh = 0; oh < plan->out_h; ++oh) {
+    for (int64_t ow = 0; ow < plan->out_w; ow += lanes_) {
+      plan->segments.push_back(detail::Segment{
+          static_cast<int32_t>(oh * g.stride_h * plan->row_stride + ow),
+          static_cast<int32_t>(oh * plan->out_w + ow),
+          static_cast<int32_t>(std::min<int64_t>(lanes_, plan->out_w - ow))});
+    }
+  }
+  while (static_cast<int64_t>(plan->segments.size()) <
+         plan->num_tiles * tile_segments_) {
+    plan->segments.push_back(detail::Segment{0, 0, 0});
+  }
+
+  status = fill_plan(plan.get());
+  if (!status.ok()) return status;
+  plan_ = plan;
+  *out = plan_;
+  return Status::Ok();
+}
+
+Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
+                   int64_t width, float* output, int64_t output_size,
+                   ThreadPool* pool) const {
+  try {
+    std::shared_ptr<const ConvPlan> plan;
+    Status status = get_plan(height, width, &plan);
+    if (!status.ok()) return status;
+
+    const ConvGeometry& g = geometry_;
+    const int64_t expected_in = g.in_channels * height * width;
+    const int64_t expected_out = g.out_channels * plan->out_h * plan->out_w;
+    if (input == nullptr || input_size != expected_in) {
+      return invalid("input has " + str(input == nullptr ? 0 : input_size) +
+                     " elements, expected in_channels x height x width = " +
+                     str(expected_in));
+    }
+    if (output == nullptr || output_size != expected_out) {
+      return invalid("output has " +
+                     str(output == nullptr ? 0 : output_size) +
+                     " elements, expected out_channels x " +
+                     str(plan->out_h) + " x " + str(plan->out_w) + " = " +
+                     str(expected_out));
+    }
+
+    // Zero-padded, phase-split copy of the input (see ConvPlan). Each
+    // calling thread keeps its buffer for later runs, because the C library
+    // maps a fresh allocation of this size anew each time, and the page
+    // faults cost more than a small layer's arithmetic.
+    // NOTE: the buffer keeps the size of the largest layer input a thread
+    // has run, until the thread exits.
+    thread_local std::unique_ptr<float[]> prepared;
+    thread_local int64_t prepared_capacity = 0;
+    const int64_t prepared_size = g.in_channels * plan->plane;
+    if (prepared_capacity < prepared_size) {
+      prepared.reset();
+      prepared_capacity = 0;
+      prepared.reset(new float[prepared_size]);
+      prepared_capacity = prepared_size;
+    }
+    // The workers must use this thread's buffer: a thread_local named
+    // inside the lambda would be their own.
+    float* const buffer = prepared.get();
+    const ConvPlan& p = *plan;
+    run_parallel(pool, g.in_channels, [&](int64_t c) {
+      float* dst = buffer + c * p.plane;
+      const float* src = input + c * height * width;
+
+      // Zero only what the input does not cover: the padding rows above
+      // and below, the slack after the last row, and per input row its
+      // padding columns (all of the row when it is phase-split).
+      const int64_t data_begin = g.pad_h * p.row_stride;
+      const int64_t data_end = (g.pad_h + height) * p.row_stride;
+      std::memset(dst, 0, sizeof(float) * data_begin);
+      std::memset(dst + data_end, 0, sizeof(float) * (p.plane - data_end));
+
+      for (int64_t y = 0; y < height; ++y) {
+        float* row = dst + (y + g.pad_h) * p.row_stride;
+        const float* src_row = src + y * width;
+        if (g.stride_w == 1) {
+          std::memset(row, 0, sizeof(float) * g.pad_w);
+          std::memcpy(row + g.pad_w, src_row, sizeof(float) * width);
+          std::memset(row + g.pad_w + width, 0,
+                      sizeof(float) * (p.row_stride - g.pad_w - width));
+          continue;
+        }
+        // Phase q contains the padded columns q, q + stride_w, ..., which
+        // are the input columns x = q - pad_w + j * stride_w with x >= 0.
+        std::memset(row, 0, sizeof(float) * p.row_stride);
+        for (int64_t q = 0; q < g.stride_w; ++q) {
+          const int64_t first =
+              ((q - g.pad_w) % g.stride_w + g.stride_w) % g.stride_w;
+          float* phase = row + q * p.phase_w + (first + g.pad_w) / g.stride_w;
+          for (int64_t x = first; x < width; x += g.stride_w) {
+            *phase++ = src_row[x];
+          }
+        }
+      }
+    });
+
+    compute(p, buffer, output, pool);
+    return Status::Ok();
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kOutOfMemory,
+                  "out of memory while running a conv layer on input " +
+                      str(height) + "x" + str(width));
+  }
+}
+
+}  // namespace dgms_rt

@@ -1,0 +1,97 @@
+// Shared between the layer classes: the shape plan and repacked weights.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "dgms_rt/conv.h"
+#include "kernels.h"
+
+namespace dgms_rt {
+
+// Layout of the prepared input and the tables that depend on the input
+// shape. The prepared input has one zero-padded plane of padded_h rows per
+// channel. Each row is split into stride_w phases of phase_w floats, and
+// phase p contains the padded columns p, p + stride_w, p + 2 * stride_w, ...
+// So the inputs of consecutive output pixels under one kernel tap are
+// consecutive floats for every stride, and a vector load fetches them.
+struct ConvPlan {
+  int64_t height = 0;
+  int64_t width = 0;
+  int64_t out_h = 0;
+  int64_t out_w = 0;
+  int64_t padded_h = 0;
+  int64_t phase_w = 0;
+  int64_t row_stride = 0;  // stride_w * phase_w
+  int64_t plane = 0;       // padded_h * row_stride
+  int64_t num_tiles = 0;
+  std::vector<detail::Segment> segments;  // num_tiles * tile_segments
+  std::vector<int32_t> offsets;           // kernel-specific tap offsets
+};
+
+struct ConvWeights {
+  // Quantized layers: per output channel and input-channel block, the
+  // nonempty codebook groups and their taps (OIHW position within the
+  // channel's C/G x KH x KW weights), in (o, block) order.
+  // NOTE: a nonzero weight costs 4 bytes here and 4 more in each shape
+  // plan's offsets, so with this kernel a low-bit layer takes more memory
+  // at run time than its FP32 weights. The lookup kernel keeps 1 byte per
+  // weight.
+  std::vector<int32_t> tap_ids;
+  std::vector<int64_t> tap_begin;    // [out_channels * channel_blocks + 1]
+  std::vector<detail::QuantGroup> groups;
+  std::vector<int64_t> group_begin;  // [out_channels * channel_blocks + 1]
+  std::vector<float> scale;
+  int64_t channel_blocks = 1;
+
+  // Quantized layers with the lookup kernel: the codebook and the indices
+  // in the dense layout [groups][blocks_per_group][taps][out_block], with
+  // index 0 for the unused channels of a group's last block.
+  std::vector<float> codebook;
+  std::vector<uint8_t> block_indices;
+
+  // Dense layers: [groups][blocks_per_group][taps][out_block] weights.
+  // out_block and blocks_per_group also describe block_indices.
+  std::vector<float> packed;
+  int64_t out_block = 0;  // output channels per block: 1 or dense_out_block
+  int64_t blocks_per_group = 0;
+
+  std::vector<float> bias;  // [out_channels], zeros when absent
+};
+
+// Returns the prepared-input offset of tap (c, kh, kw) of a group.
+int64_t tap_offset(const ConvGeometry& g, const ConvPlan& plan, int64_t c,
+                   int64_t kh, int64_t kw);
+
+// Fills table[t] = offset of tap t = (c * kernel_h + kh) * kernel_w + kw
+// for t in [0, (in_channels / groups) * kernel_h * kernel_w).
+void local_tap_offsets(const ConvGeometry& g, const ConvPlan& plan,
+                       std::vector<int32_t>* table);
+
+// Checks that a float array is present, has the expected size and holds
+// only finite values; `name` is used in the error message.
+Status check_float_array(const char* name, const float* data, int64_t size,
+                         int64_t expected);
+
+// Splits `count` units of work into chunks of whole units such that each
+// chunk has about `target_units`, but at least `min_chunks` chunks exist
+// where possible. Returns the chunk size.
+int64_t chunk_size(int64_t count, int64_t target_units, int64_t min_chunks);
+
+// Returns the output channels per block of the dense-style kernels (dense
+// and quantized lookup): the kernel's block, or 1 for layers with fewer
+// output channels per group (depthwise), which would waste the rest.
+int64_t output_block(const ConvGeometry& g, const detail::KernelTable& kernels);
+
+// Runs kernel(tile, block_begin, block_end) over every tile and all
+// `blocks` output-channel blocks, in work items of about 256 KiB of
+// weights (`block_weights` per block) and at least 4 items per thread.
+void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
+                 int64_t num_tiles,
+                 const std::function<void(int64_t, int64_t, int64_t)>& kernel);
+
+// Runs fn(i) for i in [0, count) on pool, or inline when pool is null.
+void run_parallel(ThreadPool* pool, int64_t count,
+                  const std::function<void(int64_t)>& fn);
+
+}  // namespace dgms_rt

@@ -1,0 +1,118 @@
+// Internal interface between the layer classes and the per-ISA kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "dgms_rt/conv.h"
+
+namespace dgms_rt {
+namespace detail {
+
+// A run of up to `lanes` output pixels of one output row. input_offset is
+// the position of the first pixel's receptive field in the prepared input
+// (tap offsets are added to it), output_offset the pixel's index in an
+// output plane. lanes == 0 marks a filler that pads the last tile.
+struct Segment {
+  int32_t input_offset;
+  int32_t output_offset;
+  int32_t lanes;
+};
+
+// The taps of one output channel and input-channel block that share a
+// nonzero codebook index.
+struct QuantGroup {
+  float value;    // codebook value
+  int32_t count;  // number of taps, stored consecutively in the offsets
+};
+
+struct QuantKernelArgs {
+  const float* input;            // prepared (padded, phase-split) input
+  float* output;                 // NCHW output
+  int64_t out_plane;             // out_h * out_w
+  const Segment* segments;       // tiles * tile_segments entries
+  const int32_t* offsets;        // tap offsets, ordered by (o, block)
+  const int64_t* tap_begin;      // [out_channels * blocks + 1] into offsets
+  const QuantGroup* groups;      // nonempty groups, ordered by (o, block)
+  const int64_t* group_begin;    // [out_channels * blocks + 1] into groups
+  int64_t channel_blocks;        // input-channel blocks per output channel
+  const float* scale;            // [out_channels]
+  const float* bias;             // [out_channels]
+  int64_t group_input_stride;    // prepared-input elements per conv group
+  int64_t out_per_group;         // out_channels / groups
+  Activation activation;
+};
+
+struct DenseKernelArgs {
+  const float* input;
+  float* output;
+  int64_t out_plane;
+  const Segment* segments;
+  const int32_t* offsets;        // [taps] offsets, shared by all channels
+  int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
+  const float* weights;          // [groups][blocks][taps][out_block]
+  const float* bias;             // [out_channels]
+  int64_t group_input_stride;
+  int64_t out_per_group;
+  int64_t blocks_per_group;      // ceil(out_per_group / out_block)
+  Activation activation;
+};
+
+struct LookupKernelArgs {
+  const float* input;
+  float* output;
+  int64_t out_plane;
+  const Segment* segments;
+  const int32_t* offsets;        // [taps] offsets, shared by all channels
+  int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
+  const uint8_t* indices;        // [groups][blocks][taps][out_block]
+  const float* codebook;         // [2^bits], entry 0 is 0.0
+  const float* scale;            // [out_channels]
+  const float* bias;             // [out_channels]
+  int64_t group_input_stride;
+  int64_t out_per_group;
+  int64_t blocks_per_group;      // ceil(out_per_group / out_block)
+  Activation activation;
+};
+
+// Kernels of one instruction set and the blocking they expect.
+struct KernelTable {
+  Isa isa;
+  int lanes;                // output pixels per vector
+  int quant_tile_segments;  // segments one quant kernel call computes
+  int dense_tile_segments;  // segments one dense kernel call computes
+  int dense_out_block;      // output channels one dense kernel call computes
+  int dense_single_tile_segments;  // segments of the one-channel variant
+  // Computes tile `tile` for output channels [o_begin, o_end). scratch
+  // holds (o_end - o_begin) * quant_tile_segments * lanes floats for the
+  // partial sums between input-channel blocks.
+  void (*quant)(const QuantKernelArgs& args, int64_t tile, int64_t o_begin,
+                int64_t o_end, float* scratch);
+  // Computes tile `tile` for the global output-channel blocks
+  // [block_begin, block_end) (block = group * blocks_per_group + b).
+  void (*dense)(const DenseKernelArgs& args, int64_t tile,
+                int64_t block_begin, int64_t block_end);
+  // The same with blocks of one output channel, for layers with fewer
+  // than dense_out_block output channels per group (depthwise).
+  void (*dense_single)(const DenseKernelArgs& args, int64_t tile,
+                       int64_t block_begin, int64_t block_end);
+  // The quantized table-lookup kernel, blocked like dense and
+  // dense_single (same tile sizes and output-channel blocks).
+  void (*lookup)(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end);
+  void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
+                        int64_t block_begin, int64_t block_end);
+};
+
+const KernelTable& scalar_kernels();
+#if defined(DGMS_RT_HAVE_AVX2)
+const KernelTable& avx2_kernels();
+#endif
+#if defined(DGMS_RT_HAVE_NEON)
+const KernelTable& neon_kernels();
+#endif
+
+// Returns the kernels for a supported, resolved isa.
+const KernelTable& kernels_for(Isa isa);
+
+}  // namespace detail
+}  // namespace dgms_rt

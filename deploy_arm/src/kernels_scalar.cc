@@ -1,0 +1,55 @@
+// Portable scalar kernels: the reference that every SIMD path must match.
+#include <cmath>
+
+#include "kernels.h"
+
+namespace dgms_rt {
+namespace detail {
+namespace {
+
+struct Ops {
+  using Vec = float;
+  static constexpr int kLanes = 1;
+  static Vec zero() { return 0.0f; }
+  static Vec set1(float v) { return v; }
+  static Vec load(const float* p) { return *p; }
+  static Vec add(Vec a, Vec b) { return a + b; }
+  static Vec mul(Vec a, Vec b) { return a * b; }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
+  static Vec fused(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
+  // Same results as the SIMD max/min for finite values, -0.0 included.
+  static Vec max(Vec a, Vec b) { return a > b ? a : b; }
+  static Vec min(Vec a, Vec b) { return a < b ? a : b; }
+  static void store(float* p, Vec v, int lanes) {
+    if (lanes > 0) *p = v;
+  }
+};
+
+#include "kernel_impl.h"
+
+constexpr int kQuantTile = 4;
+constexpr int kDenseTile = 2;
+constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 4;
+
+}  // namespace
+
+const KernelTable& scalar_kernels() {
+  static const KernelTable table = {
+      Isa::kScalar,
+      Ops::kLanes,
+      kQuantTile,
+      kDenseTile,
+      kDenseOutBlock,
+      kDenseSingleTile,
+      &quant_tile<Ops, kQuantTile>,
+      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
+  };
+  return table;
+}
+
+}  // namespace detail
+}  // namespace dgms_rt

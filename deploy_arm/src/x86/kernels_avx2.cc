@@ -1,0 +1,65 @@
+// x86-64 AVX2 + FMA kernels: 8 output pixels per vector. This file is
+// compiled with -mavx2 -mfma and only called after a runtime CPU check.
+#include <immintrin.h>
+
+#include "../kernels.h"
+
+namespace dgms_rt {
+namespace detail {
+namespace {
+
+struct Ops {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float v) { return _mm256_set1_ps(v); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec fused(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+  static void store(float* p, Vec v, int lanes) {
+    if (lanes == kLanes) {
+      _mm256_storeu_ps(p, v);
+      return;
+    }
+    alignas(32) float tmp[kLanes];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < lanes; ++i) p[i] = tmp[i];
+  }
+};
+
+#include "../kernel_impl.h"
+
+// 4 segments x 2 partial sums give 8 independent add chains, enough to
+// cover the add latency (4 cycles at 2 per cycle on recent cores).
+constexpr int kQuantTile = 4;
+// 4 output channels x 3 segments = 12 accumulators + 3 inputs + 1 weight
+// fill the 16 ymm registers.
+constexpr int kDenseTile = 3;
+constexpr int kDenseOutBlock = 4;
+constexpr int kDenseSingleTile = 8;
+
+}  // namespace
+
+const KernelTable& avx2_kernels() {
+  static const KernelTable table = {
+      Isa::kAvx2,
+      Ops::kLanes,
+      kQuantTile,
+      kDenseTile,
+      kDenseOutBlock,
+      kDenseSingleTile,
+      &quant_tile<Ops, kQuantTile>,
+      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &dense_tile<Ops, kDenseSingleTile, 1>,
+      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
+      &lookup_tile<Ops, kDenseSingleTile, 1>,
+  };
+  return table;
+}
+
+}  // namespace detail
+}  // namespace dgms_rt
