@@ -124,6 +124,11 @@ def rebuild(sections, index, data):
     return encode_container(changed)
 
 
+def replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in data, old
+    return data.replace(old, new, 1)
+
+
 def test_malformed_files_are_rejected(packed):
     _, _, path = packed
     data = path.read_bytes()
@@ -149,7 +154,9 @@ def test_corrupt_content_with_valid_checksums(packed):
     sections = decode_container(path.read_bytes())
     grph = json.loads(sections[1].data)
     conv = next(i for i, layer in enumerate(grph['layers'])
-                if 'bits' in layer)
+                if 'bits' in layer and layer.get('groups', 1) == 1)
+    layer = grph['layers'][conv]
+    assert layer['bias'] is not None
 
     def with_layer(**fields):
         changed = json.loads(sections[1].data)
@@ -160,13 +167,14 @@ def test_corrupt_content_with_valid_checksums(packed):
         'outside': with_layer(in_channels=1 << 40),
         'two integers in [1, 64]': with_layer(kernel=[1000, 1]),
         'groups': with_layer(groups=7),
-        'bytes': with_layer(out_channels=grph['layers'][conv]
-                            ['out_channels'] + 1),
+        'are stored': with_layer(bias=[layer['bias'][0],
+                                       layer['bias'][1] - 4]),
+        'rANS': with_layer(out_channels=layer['out_channels'] + 1),
         'spans bytes': with_layer(indices=[0, 1 << 62]),
         'unknown index encoding': with_layer(encoding='zip'),
         'invalid JSON': rebuild(sections, 1, sections[1].data[:-1]),
-        'not defined': rebuild(sections, 1, sections[1].data.replace(
-            b'"inputs": ["v1"]', b'"inputs": ["nope"]', 1)),
+        'not defined': rebuild(sections, 1, replace_once(
+            sections[1].data, b'"inputs":["v1"]', b'"inputs":["nope"]')),
     }
     for expected, data in cases.items():
         message = expect_rejected(data, expected)
@@ -251,8 +259,9 @@ def test_cli_under_sanitizers(packed, tensor_file, tmp_path):
         'flip': data[:5000] + bytes([data[5000] ^ 4]) + data[5001:],
         'json': rebuild(sections, 1, sections[1].data[:len(sections[1].data)
                                                        // 2]),
-        'shape': rebuild(sections, 1, sections[1].data.replace(
-            b'"in_channels": 3', b'"in_channels": 99999999', 1)),
+        'shape': rebuild(sections, 1, replace_once(
+            sections[1].data, b'"in_channels":3,',
+            b'"in_channels":99999999,')),
     }
     for name, content in bad.items():
         bad_path = tmp_path / f'{name}.dgms'

@@ -29,6 +29,9 @@ TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
+# Baselines of tools/benchmark_runtime.py (not needed by the library).
+ONNX_VERSION=1.23.2
+ONNXRUNTIME_VERSION=1.31.1
 
 log() { echo "[setup_env] $*" >&2; }
 
@@ -99,7 +102,8 @@ if ! has_version mmcv "$MMCV_VERSION"; then
 fi
 
 "${pip[@]}" install "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools \
-  "torch==$TORCH_VERSION" "$runtime_setuptools" pytest
+  "torch==$TORCH_VERSION" "$runtime_setuptools" pytest \
+  "onnx==$ONNX_VERSION" "onnxruntime==$ONNXRUNTIME_VERSION"
 "${pip[@]}" install --no-deps -e "$repo_root"
 
 "$venv/bin/python" - <<'PY'
