@@ -1,20 +1,22 @@
 // dgms_detect: run a packed detector on one image and print detections.
 //
 //   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
-//               [--repeat R] [--warmup W]
+//               [--repeat R] [--warmup W] [--profile]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
 // file (magic DGMSTENS) holding an already preprocessed image; the layout
 // is in docs/deploy_arm.md. Detections are JSON, boxes in original-image
 // pixels. --repeat R times R runs of detection after W warm-up runs and
-// reports the median and minimum latency on stderr.
+// reports the median and minimum latency on stderr; --profile prints the
+// main graph's time per operator kind (one more run) on stderr.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -144,7 +146,7 @@ std::string number(double v) {
 int usage() {
   std::fprintf(stderr,
                "usage: dgms_detect MODEL.dgms INPUT [--threads N] "
-               "[--output dets.json] [--repeat R] [--warmup W]\n"
+               "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n");
   return 2;
 }
@@ -159,6 +161,7 @@ int fail(const Status& s) {
 int main(int argc, char** argv) {
   std::vector<std::string> positional;
   int threads = 1, repeat = 0, warmup = 1;
+  bool profile = false;
   std::string output;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -184,6 +187,7 @@ int main(int argc, char** argv) {
     else if (arg == "--repeat") repeat = integer("--repeat", 0, 100000);
     else if (arg == "--warmup") warmup = integer("--warmup", 0, 100000);
     else if (arg == "--output") output = value("--output");
+    else if (arg == "--profile") profile = true;
     else if (arg == "-h" || arg == "--help") return usage();
     else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "dgms_detect: unknown option %s\n", arg.c_str());
@@ -238,6 +242,29 @@ int main(int argc, char** argv) {
                "median %.2f ms, min %.2f ms over %zu run(s)\n",
                load_ms, tensor.shape_string().c_str(), threads,
                times[times.size() / 2], times[0], times.size());
+
+  if (profile) {
+    std::vector<dgms_rt::Model::NodeTime> node_times;
+    s = model->profile_graph("main", {tensor}, &node_times);
+    if (!s.ok()) return fail(s);
+    std::map<std::string, std::pair<double, int>> by_op;
+    double total = 0;
+    for (const auto& t : node_times) {
+      by_op[t.op].first += t.ms;
+      by_op[t.op].second += 1;
+      total += t.ms;
+    }
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& entry : by_op)
+      rows.emplace_back(entry.second.first, entry.first);
+    std::sort(rows.rbegin(), rows.rend());
+    std::fprintf(stderr, "dgms_detect: main graph %.2f ms by operator:\n",
+                 total);
+    for (const auto& row : rows)
+      std::fprintf(stderr, "  %-24s %4d nodes %9.2f ms %5.1f%%\n",
+                   row.second.c_str(), by_op[row.second].second, row.first,
+                   100.0 * row.first / total);
+  }
 
   std::ostringstream json;
   json << "{\"model\": " << json_string(positional[0])

@@ -70,6 +70,17 @@ class Model {
   Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
                    std::vector<std::pair<std::string, Tensor>>* outputs) const;
 
+  // Time of one graph node, for profiles.
+  struct NodeTime {
+    std::string op;     // e.g. "conv2d 3x3 q4" (q<bits> or f32), "add"
+    std::string layer;  // layer name for conv2d and linear, else empty
+    double ms = 0.0;
+  };
+  // Runs graph `name` like run_graph and reports the time of each node.
+  Status profile_graph(const std::string& name,
+                       const std::vector<Tensor>& inputs,
+                       std::vector<NodeTime>* times) const;
+
   // single_stage only: runs the main graph on a preprocessed batch of one
   // or more images of the same padded size (N, 3, H, W) and post-processes
   // each; image[i] describes image i. With rescale, boxes are in original

@@ -361,16 +361,18 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
         level_scores[size_t(flat)] = score;
         if (score > settings.score_thr) candidates.push_back(flat);
       }
-    std::stable_sort(candidates.begin(), candidates.end(),
-                     [&](int64_t x, int64_t y) {
-                       return level_scores[size_t(x)] >
-                              level_scores[size_t(y)];
-                     });
     // Python slicing of mmdet's filter_scores_and_topk: a negative nms_pre
     // gives min(nms_pre, n) < 0, which drops that many from the end.
-    int64_t n = int64_t(candidates.size());
+    const int64_t n = int64_t(candidates.size());
     int64_t keep = std::min(settings.nms_pre, n);
     if (keep < 0) keep = std::max<int64_t>(0, n + keep);
+    // Descending score, ties by position: only the kept ones are sorted.
+    std::partial_sort(candidates.begin(), candidates.begin() + keep,
+                      candidates.end(), [&](int64_t x, int64_t y) {
+                        const float sx = level_scores[size_t(x)];
+                        const float sy = level_scores[size_t(y)];
+                        return sx > sy || (sx == sy && x < y);
+                      });
     candidates.resize(size_t(keep));
     for (int64_t flat : candidates) {
       const int64_t p = flat / (num_anchors * classes);

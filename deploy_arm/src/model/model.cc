@@ -3,6 +3,7 @@
 #include "dgms_rt/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -336,8 +337,25 @@ class ModelImpl {
     return invalid("unknown operator");
   }
 
+  // Describes node i for profiles: operator, kernel size and weight type.
+  std::string node_label(const NodeData& node) const {
+    static const char* names[] = {"conv2d", "linear", "add", "relu", "relu6",
+                                  "max_pool2d", "resize_nearest", "flatten"};
+    std::string label = names[int(node.op)];
+    if (node.op == OpType::kConv2d) {
+      const LayerData& layer = content.layers[size_t(node.layer)];
+      const ConvGeometry& g = layer.geometry;
+      label += " " + std::to_string(g.kernel_h) + "x" +
+               std::to_string(g.kernel_w);
+      if (g.groups > 1) label += g.groups == g.in_channels ? " dw" : " grouped";
+      label += layer.bits ? " q" + std::to_string(layer.bits) : " f32";
+    }
+    return label;
+  }
+
   Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
-                   std::vector<std::pair<std::string, Tensor>>* outputs) const {
+                   std::vector<std::pair<std::string, Tensor>>* outputs,
+                   std::vector<Model::NodeTime>* times = nullptr) const {
     auto it = content.graphs.find(name);
     if (it == content.graphs.end())
       return invalid("the model has no graph '" + name + "'");
@@ -364,7 +382,16 @@ class ModelImpl {
     for (size_t i = 0; i < graph.nodes.size(); ++i) {
       const NodeData& node = graph.nodes[i];
       Tensor y;
+      const auto start = std::chrono::steady_clock::now();
       Status s = run_node(node, values, &y);
+      if (times != nullptr) {
+        Model::NodeTime t;
+        t.op = node_label(node);
+        if (node.layer >= 0) t.layer = content.layers[size_t(node.layer)].name;
+        t.ms = std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - start).count();
+        times->push_back(t);
+      }
       if (!s.ok())
         return Status(s.code(), "graph '" + name + "' node " +
                                     std::to_string(i) + ": " + s.message());
@@ -432,6 +459,14 @@ Status Model::run_graph(
     const std::string& name, const std::vector<Tensor>& inputs,
     std::vector<std::pair<std::string, Tensor>>* outputs) const {
   return impl_->run_graph(name, inputs, outputs);
+}
+
+Status Model::profile_graph(const std::string& name,
+                            const std::vector<Tensor>& inputs,
+                            std::vector<NodeTime>* times) const {
+  std::vector<std::pair<std::string, Tensor>> outputs;
+  times->clear();
+  return impl_->run_graph(name, inputs, &outputs, times);
 }
 
 Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,

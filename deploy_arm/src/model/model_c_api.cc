@@ -88,6 +88,11 @@ dgms_model_status dgms_model_detect(const dgms_model* model,
     return report(dgms_rt::Status(dgms_rt::StatusCode::kInvalidArgument,
                                   "model, input, count or the size is "
                                   "invalid"));
+  if (3 * height * width > dgms_rt::ConvLimits::kMaxElements)
+    return report(dgms_rt::Status(
+        dgms_rt::StatusCode::kInvalidArgument,
+        "the input (3, " + std::to_string(height) + ", " +
+            std::to_string(width) + ") has more than 2^31 - 1 values"));
   try {
     dgms_rt::Tensor tensor;
     tensor.shape = {1, 3, height, width};
