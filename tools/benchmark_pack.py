@@ -41,14 +41,14 @@ DEMO = {
 R50_CONFIG = 'configs/dgms/retinanet_r50_4bit.py'
 
 
-def random_r50():
-    """Return (model, cfg) of RetinaNet-R50 4-bit with random weights and
-    mixtures initialised from them."""
+def random_r50(bits: int = 4):
+    """Return (model, cfg) of RetinaNet-R50 at ``bits`` bits (4 by default)
+    with random weights and mixtures initialised from them."""
     cfg = Config.fromfile(osp.join(REPO_ROOT, R50_CONFIG))
     torch.manual_seed(0)
     model = build_model(cfg)
     hook_cfg = [h for h in cfg.custom_hooks if h['type'] == 'DGMSHook'][0]
-    convert_model(model, HOOKS.build(dict(hook_cfg)).dgms_cfg)
+    convert_model(model, HOOKS.build(dict(hook_cfg, bits=bits)).dgms_cfg)
     for layer in dgms_layers(model).values():
         layer.mixture.init_from_weights(layer.weight)
     return model.eval(), cfg

@@ -71,18 +71,35 @@ run_tests() {
   ctest --test-dir "$build_root/$name" --output-on-failure -V >&2
 }
 
+# model_check NAME [EMULATOR...]: with DGMS_RT_TEST_MODEL (a packed file)
+# and DGMS_RT_TEST_INPUT (a PPM or DGMSTENS tensor file) set, run the
+# variant's dgms_detect on them and keep its detections in the build folder.
+model_check() {
+  [[ -n ${DGMS_RT_TEST_MODEL:-} && -n ${DGMS_RT_TEST_INPUT:-} ]] || return 0
+  local name=$1
+  shift
+  log "running dgms_detect ($name) on $DGMS_RT_TEST_MODEL"
+  "$@" "$build_root/$name/dgms_detect" "$DGMS_RT_TEST_MODEL" \
+    "$DGMS_RT_TEST_INPUT" --threads 2 \
+    --output "$build_root/$name/detections.json" >&2
+}
+
 build release -DCMAKE_BUILD_TYPE=Release
 run_tests release
+model_check release
 
 build sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDGMS_RT_SANITIZE=ON \
   -DDGMS_RT_BUILD_BENCHMARKS=OFF
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 run_tests sanitize
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 model_check sanitize
 
 if [[ $skip_aarch64 == 0 ]]; then
   build aarch64 -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_TOOLCHAIN_FILE="$runtime_dir/cmake/aarch64-linux-gnu.cmake"
   run_tests aarch64
+  model_check aarch64 qemu-aarch64 -L /usr/aarch64-linux-gnu
 else
   log "skipping the AArch64 build (--skip-aarch64)"
 fi

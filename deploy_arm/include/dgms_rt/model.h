@@ -1,0 +1,107 @@
+// A packed DGMS detector (docs/packed-format.md) loaded for inference:
+// validated reader, graph executor and detection post-processing.
+//
+// Model::load reads and checks the whole file as the format specifies
+// (magic, version, CRC-32s, zero padding, sizes, JSON fields and ranges,
+// index streams) before building any layer; malformed input returns an
+// error Status naming the part that is wrong. A loaded model is immutable:
+// run_graph and detect may be called from several threads, and each call
+// uses the model's thread pool for the convolutions.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dgms_rt/conv.h"
+#include "dgms_rt/detect.h"
+#include "dgms_rt/json.h"
+#include "dgms_rt/status.h"
+#include "dgms_rt/tensor.h"
+
+namespace dgms_rt {
+
+// META `preprocess`: how an image becomes the graph input.
+struct PreprocessSettings {
+  float mean[3] = {0, 0, 0};
+  float std[3] = {1, 1, 1};
+  bool bgr_to_rgb = false;
+  int64_t pad_size_divisor = 1;
+  float pad_value = 0.0f;
+  bool has_resize = false;
+  int64_t resize_width = 0;   // META resize.scale[0]
+  int64_t resize_height = 0;  // META resize.scale[1]
+  bool keep_ratio = true;
+};
+
+struct ModelOptions {
+  int threads = 1;
+  Isa isa = Isa::kAuto;
+  QuantKernel quant_kernel = QuantKernel::kAuto;
+};
+
+class ModelImpl;
+
+class Model {
+ public:
+  ~Model();
+
+  // Loads and validates a packed file from a path or from memory (copied
+  // as needed; the buffer is not kept). name is used in messages.
+  static Status load_file(const std::string& path, const ModelOptions& options,
+                          std::unique_ptr<Model>* out);
+  static Status load_buffer(const uint8_t* data, size_t size,
+                            const std::string& name,
+                            const ModelOptions& options,
+                            std::unique_ptr<Model>* out);
+
+  // META fields.
+  const std::string& detector_type() const;  // e.g. "RetinaNet"
+  const std::string& kind() const;           // single_stage / two_stage
+  int64_t num_levels() const;
+  const std::vector<std::string>& classes() const;  // empty when null
+  const PreprocessSettings& preprocess() const;
+  const Json& meta() const;
+
+  // Runs graph `name` on its inputs (float32, NCHW for images); outputs
+  // come back as (output name, tensor) in the graph's order.
+  Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
+                   std::vector<std::pair<std::string, Tensor>>* outputs) const;
+
+  // Time of one graph node, for profiles.
+  struct NodeTime {
+    std::string op;     // e.g. "conv2d 3x3 q4" (q<bits> or f32), "add"
+    std::string layer;  // layer name for conv2d and linear, else empty
+    double ms = 0.0;
+  };
+  // Runs graph `name` like run_graph and reports the time of each node.
+  Status profile_graph(const std::string& name,
+                       const std::vector<Tensor>& inputs,
+                       std::vector<NodeTime>* times) const;
+
+  // single_stage only: runs the main graph on a preprocessed batch of one
+  // or more images of the same padded size (N, 3, H, W) and post-processes
+  // each; image[i] describes image i. With rescale, boxes are in original
+  // image pixels.
+  Status detect(const Tensor& input, const std::vector<ImageInfo>& images,
+                bool rescale,
+                std::vector<std::vector<Detection>>* detections) const;
+
+ private:
+  explicit Model(std::unique_ptr<ModelImpl> impl);
+  std::unique_ptr<ModelImpl> impl_;
+};
+
+// Resizes, normalises and pads an 8-bit RGB image (height x width x 3,
+// row-major, as a binary PPM stores it) as META `preprocess` says, into a
+// (1, 3, H, W) tensor; fills info with the resized size and scale factors.
+// Resizing is bilinear with half-pixel centres (OpenCV's INTER_LINEAR
+// without its fixed-point rounding), so inputs differ from MMDetection's
+// cv2 pipeline by small amounts.
+Status preprocess_rgb_image(const PreprocessSettings& settings,
+                            const uint8_t* rgb, int64_t height, int64_t width,
+                            Tensor* out, ImageInfo* info);
+
+}  // namespace dgms_rt

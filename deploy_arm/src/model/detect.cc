@@ -1,0 +1,568 @@
+// Dense-head post-processing (RetinaNet) and image preprocessing.
+#include "dgms_rt/detect.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "dgms_rt/model.h"
+
+namespace dgms_rt {
+namespace {
+
+Status invalid(const std::string& message) {
+  return Status(StatusCode::kInvalidArgument, message);
+}
+Status unsupported(const std::string& message) {
+  return Status(StatusCode::kUnsupported, message);
+}
+
+// Typed optional fields of the model config; `where` names the config path.
+struct ConfigReader {
+  Status number(const Json& obj, const char* key, const std::string& where,
+                double fallback, double* out, bool required = false) const {
+    const Json* v = obj.find(key);
+    if (v == nullptr || (v->is_null() && !required)) {
+      if (required) return invalid("model_config." + where + "." + key +
+                                   " is missing");
+      *out = fallback;
+      return Status::Ok();
+    }
+    if (!v->is_number() || !std::isfinite(v->as_double()))
+      return invalid("model_config." + where + "." + key +
+                     " must be a number, got " + v->describe());
+    *out = v->as_double();
+    return Status::Ok();
+  }
+  Status integer(const Json& obj, const char* key, const std::string& where,
+                 int64_t fallback, int64_t* out, bool required = false) const {
+    const Json* v = obj.find(key);
+    if (v == nullptr) {
+      if (required) return invalid("model_config." + where + "." + key +
+                                   " is missing");
+      *out = fallback;
+      return Status::Ok();
+    }
+    if (!v->is_int())
+      return invalid("model_config." + where + "." + key +
+                     " must be an integer, got " + v->describe());
+    *out = v->as_int();
+    return Status::Ok();
+  }
+  Status boolean(const Json& obj, const char* key, const std::string& where,
+                 bool fallback, bool* out) const {
+    const Json* v = obj.find(key);
+    if (v == nullptr) {
+      *out = fallback;
+      return Status::Ok();
+    }
+    if (!v->is_bool())
+      return invalid("model_config." + where + "." + key +
+                     " must be true or false, got " + v->describe());
+    *out = v->as_bool();
+    return Status::Ok();
+  }
+  Status numbers(const Json& obj, const char* key, const std::string& where,
+                 std::vector<double>* out) const {
+    const Json* v = obj.find(key);
+    bool ok = v != nullptr && v->is_array() && !v->items().empty() &&
+              v->items().size() <= 64;
+    out->clear();
+    for (size_t i = 0; ok && i < v->items().size(); ++i) {
+      ok = v->items()[i].is_number() &&
+           std::isfinite(v->items()[i].as_double());
+      if (ok) out->push_back(v->items()[i].as_double());
+    }
+    if (!ok)
+      return invalid("model_config." + where + "." + key +
+                     " must be a list of 1 to 64 numbers, got " +
+                     (v ? v->describe() : std::string("nothing")));
+    return Status::Ok();
+  }
+  Status type(const Json& obj, const std::string& where,
+              const std::string& expected) const {
+    const Json* v = obj.find("type");
+    if (v == nullptr || !v->is_string() || v->as_string() != expected)
+      return unsupported("model_config." + where + ".type is " +
+                         (v ? v->describe() : std::string("missing")) +
+                         "; the runtime implements " + expected);
+    return Status::Ok();
+  }
+};
+
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+struct Box {
+  float x1, y1, x2, y2;
+};
+
+// mmcv's CPU nms: indices of kept boxes, by descending score.
+std::vector<int64_t> nms(const std::vector<Box>& boxes,
+                         const std::vector<float>& scores,
+                         const std::vector<int64_t>& subset, float threshold,
+                         float offset) {
+  std::vector<int64_t> order(subset);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return scores[size_t(a)] > scores[size_t(b)];
+  });
+  std::vector<char> suppressed(order.size(), 0);
+  std::vector<int64_t> keep;
+  for (size_t i = 0; i < order.size(); ++i) {
+    if (suppressed[i]) continue;
+    const Box& a = boxes[size_t(order[i])];
+    keep.push_back(order[i]);
+    const float area_a = (a.x2 - a.x1 + offset) * (a.y2 - a.y1 + offset);
+    for (size_t j = i + 1; j < order.size(); ++j) {
+      if (suppressed[j]) continue;
+      const Box& b = boxes[size_t(order[j])];
+      const float area_b = (b.x2 - b.x1 + offset) * (b.y2 - b.y1 + offset);
+      const float w = std::max(0.0f, std::min(a.x2, b.x2) -
+                                         std::max(a.x1, b.x1) + offset);
+      const float h = std::max(0.0f, std::min(a.y2, b.y2) -
+                                         std::max(a.y1, b.y1) + offset);
+      const float inter = w * h;
+      if (inter / (area_a + area_b - inter) > threshold) suppressed[j] = 1;
+    }
+  }
+  return keep;
+}
+
+}  // namespace
+
+Status parse_dense_head_settings(const Json& config, int64_t num_levels,
+                                 DenseHeadSettings* out) {
+  ConfigReader r;
+  const Json* head = config.find("bbox_head");
+  if (head == nullptr || !head->is_object())
+    return invalid("model_config.bbox_head is missing");
+  Status s = r.type(*head, "bbox_head", "RetinaHead");
+  if (!s.ok()) return s;
+  s = r.integer(*head, "num_classes", "bbox_head", 0, &out->num_classes, true);
+  if (!s.ok()) return s;
+  if (out->num_classes < 1 || out->num_classes > 100000)
+    return invalid("model_config.bbox_head.num_classes is " +
+                   std::to_string(out->num_classes) +
+                   ", expected 1 to 100000");
+  const Json* loss = head->find("loss_cls");
+  bool sigmoid_scores = false;
+  if (loss != nullptr) {
+    s = r.boolean(*loss, "use_sigmoid", "bbox_head.loss_cls", false,
+                  &sigmoid_scores);
+    if (!s.ok()) return s;
+  }
+  if (!sigmoid_scores)
+    return unsupported("model_config.bbox_head.loss_cls.use_sigmoid is not "
+                       "true; the runtime implements sigmoid scores only");
+
+  const Json* anchors = head->find("anchor_generator");
+  if (anchors == nullptr || !anchors->is_object())
+    return invalid("model_config.bbox_head.anchor_generator is missing");
+  const std::string where = "bbox_head.anchor_generator";
+  s = r.type(*anchors, where, "AnchorGenerator");
+  if (!s.ok()) return s;
+  const Json* centers = anchors->find("centers");
+  if (centers != nullptr && !centers->is_null())
+    return unsupported("model_config." + where + ".centers is set; the "
+                       "runtime implements center_offset only");
+  AnchorSettings& a = out->anchors;
+  const Json* strides = anchors->find("strides");
+  if (strides == nullptr || !strides->is_array() ||
+      int64_t(strides->items().size()) != num_levels)
+    return invalid("model_config." + where + ".strides must list " +
+                   std::to_string(num_levels) + " strides, one per level");
+  for (const Json& stride : strides->items()) {
+    double sw, sh;
+    if (stride.is_number()) {
+      sw = sh = stride.as_double();
+    } else if (stride.is_array() && stride.items().size() == 2 &&
+               stride.items()[0].is_number() &&
+               stride.items()[1].is_number()) {
+      sw = stride.items()[0].as_double();
+      sh = stride.items()[1].as_double();
+    } else {
+      return invalid("model_config." + where + ".strides has an invalid "
+                     "entry " + stride.describe());
+    }
+    if (!(sw > 0 && sw <= 4096 && sh > 0 && sh <= 4096))
+      return invalid("model_config." + where + ".strides has " +
+                     stride.describe() + ", expected values in (0, 4096]");
+    a.stride_w.push_back(float(sw));
+    a.stride_h.push_back(float(sh));
+    a.base_sizes.push_back(float(std::min(sw, sh)));
+  }
+  std::vector<double> values;
+  s = r.numbers(*anchors, "ratios", where, &values);
+  if (!s.ok()) return s;
+  for (double v : values) {
+    if (!(v > 0)) return invalid("model_config." + where +
+                                 ".ratios must be positive");
+    a.ratios.push_back(float(v));
+  }
+  const Json* scales = anchors->find("scales");
+  if (scales != nullptr && !scales->is_null()) {
+    s = r.numbers(*anchors, "scales", where, &values);
+    if (!s.ok()) return s;
+    for (double v : values) a.scales.push_back(float(v));
+  } else {
+    double base;
+    int64_t per_octave;
+    s = r.number(*anchors, "octave_base_scale", where, 0, &base, true);
+    if (s.ok()) s = r.integer(*anchors, "scales_per_octave", where, 0,
+                              &per_octave, true);
+    if (!s.ok()) return s;
+    if (per_octave < 1 || per_octave > 64 || !(base > 0))
+      return invalid("model_config." + where + " needs octave_base_scale > "
+                     "0 and scales_per_octave in [1, 64]");
+    for (int64_t i = 0; i < per_octave; ++i)
+      a.scales.push_back(float(std::pow(2.0, double(i) / double(per_octave)) *
+                               base));
+  }
+  const Json* base_sizes = anchors->find("base_sizes");
+  if (base_sizes != nullptr && !base_sizes->is_null()) {
+    s = r.numbers(*anchors, "base_sizes", where, &values);
+    if (!s.ok()) return s;
+    if (int64_t(values.size()) != num_levels)
+      return invalid("model_config." + where + ".base_sizes must have one "
+                     "entry per level");
+    for (size_t i = 0; i < values.size(); ++i) a.base_sizes[i] =
+        float(values[i]);
+  }
+  double center_offset;
+  s = r.number(*anchors, "center_offset", where, 0.0, &center_offset);
+  if (s.ok()) s = r.boolean(*anchors, "scale_major", where, true,
+                            &a.scale_major);
+  if (!s.ok()) return s;
+  a.center_offset = float(center_offset);
+
+  const Json* coder = head->find("bbox_coder");
+  if (coder == nullptr || !coder->is_object())
+    return invalid("model_config.bbox_head.bbox_coder is missing");
+  s = r.type(*coder, "bbox_head.bbox_coder", "DeltaXYWHBBoxCoder");
+  if (!s.ok()) return s;
+  for (int k = 0; k < 2; ++k) {
+    const char* key = k ? "target_stds" : "target_means";
+    if (coder->find(key) == nullptr) continue;
+    s = r.numbers(*coder, key, "bbox_head.bbox_coder", &values);
+    if (!s.ok()) return s;
+    if (values.size() != 4)
+      return invalid(std::string("model_config.bbox_head.bbox_coder.") + key +
+                     " must have 4 values");
+    for (int i = 0; i < 4; ++i) (k ? out->stds : out->means)[i] =
+        float(values[size_t(i)]);
+  }
+  double ctr_clamp;
+  s = r.boolean(*coder, "clip_border", "bbox_head.bbox_coder", true,
+                &out->clip_border);
+  if (s.ok()) s = r.boolean(*coder, "add_ctr_clamp", "bbox_head.bbox_coder",
+                            false, &out->add_ctr_clamp);
+  if (s.ok()) s = r.number(*coder, "ctr_clamp", "bbox_head.bbox_coder", 32,
+                           &ctr_clamp);
+  if (!s.ok()) return s;
+  out->ctr_clamp = float(ctr_clamp);
+
+  const Json* test = config.find("test_cfg");
+  if (test == nullptr || !test->is_object())
+    return invalid("model_config.test_cfg is missing");
+  double value;
+  s = r.integer(*test, "nms_pre", "test_cfg", -1, &out->nms_pre);
+  if (s.ok()) s = r.number(*test, "score_thr", "test_cfg", 0.0, &value);
+  if (!s.ok()) return s;
+  out->score_thr = float(value);
+  s = r.number(*test, "min_bbox_size", "test_cfg", -1.0, &value);
+  if (!s.ok()) return s;
+  out->has_min_bbox_size = value >= 0;
+  out->min_bbox_size = float(value);
+  s = r.integer(*test, "max_per_img", "test_cfg", 0, &out->max_per_img, true);
+  if (!s.ok()) return s;
+  const Json* nms_cfg = test->find("nms");
+  if (nms_cfg == nullptr || !nms_cfg->is_object())
+    return unsupported("model_config.test_cfg.nms is missing; the runtime "
+                       "always runs NMS");
+  s = r.type(*nms_cfg, "test_cfg.nms", "nms");
+  if (!s.ok()) return s;
+  s = r.number(*nms_cfg, "iou_threshold", "test_cfg.nms", 0, &value, true);
+  if (!s.ok()) return s;
+  out->iou_threshold = float(value);
+  s = r.number(*nms_cfg, "offset", "test_cfg.nms", 0, &value);
+  if (!s.ok()) return s;
+  if (value != 0 && value != 1)
+    return invalid("model_config.test_cfg.nms.offset must be 0 or 1");
+  out->nms_offset = float(value);
+  s = r.number(*nms_cfg, "score_threshold", "test_cfg.nms", 0, &value);
+  if (!s.ok()) return s;
+  if (value > 0)
+    return unsupported("model_config.test_cfg.nms.score_threshold > 0 is not "
+                       "implemented; use test_cfg.score_thr");
+  s = r.integer(*nms_cfg, "split_thr", "test_cfg.nms", 10000,
+                &out->split_thr);
+  if (s.ok()) s = r.integer(*nms_cfg, "max_num", "test_cfg.nms", -1,
+                            &out->nms_max_num);
+  if (s.ok()) s = r.boolean(*nms_cfg, "class_agnostic", "test_cfg.nms",
+                            false, &out->class_agnostic);
+  return s;
+}
+
+Status postprocess_dense_head(const DenseHeadSettings& settings,
+                              const std::vector<const Tensor*>& cls,
+                              const std::vector<const Tensor*>& bbox,
+                              int64_t batch_index, const ImageInfo& image,
+                              bool rescale, std::vector<Detection>* out) {
+  const AnchorSettings& an = settings.anchors;
+  const int64_t levels = int64_t(an.stride_w.size());
+  const int64_t num_anchors = an.anchors_per_cell();
+  const int64_t classes = settings.num_classes;
+  if (int64_t(cls.size()) != levels || int64_t(bbox.size()) != levels)
+    return invalid("the head outputs " + std::to_string(cls.size()) +
+                   " levels, the anchor generator has " +
+                   std::to_string(levels));
+  std::vector<Box> boxes;
+  std::vector<float> scores;
+  std::vector<int64_t> labels;
+  const float max_ratio = float(std::fabs(std::log(16.0 / 1000.0)));
+  for (int64_t level = 0; level < levels; ++level) {
+    const Tensor* c = cls[size_t(level)];
+    const Tensor* d = bbox[size_t(level)];
+    if (c == nullptr || d == nullptr || c->shape.size() != 4 ||
+        d->shape.size() != 4 || c->shape[1] != num_anchors * classes ||
+        d->shape[1] != num_anchors * 4 || c->shape[2] != d->shape[2] ||
+        c->shape[3] != d->shape[3] || batch_index >= c->shape[0] ||
+        batch_index >= d->shape[0])
+      return invalid("level " + std::to_string(level) +
+                     " head outputs do not match " +
+                     std::to_string(num_anchors) + " anchors and " +
+                     std::to_string(classes) + " classes");
+    const int64_t h = c->shape[2], w = c->shape[3], plane = h * w;
+    const float* cdata = c->data.data() + batch_index * c->shape[1] * plane;
+    const float* ddata = d->data.data() + batch_index * d->shape[1] * plane;
+    // Base anchors of this level (AnchorGenerator.gen_single_level_base_anchors).
+    const float base = an.base_sizes[size_t(level)];
+    const float cx = an.center_offset * base, cy = an.center_offset * base;
+    std::vector<Box> base_anchors;
+    const size_t nr = an.ratios.size(), ns = an.scales.size();
+    for (size_t i = 0; i < (an.scale_major ? nr : ns); ++i)
+      for (size_t j = 0; j < (an.scale_major ? ns : nr); ++j) {
+        const size_t ri = an.scale_major ? i : j;
+        const size_t si = an.scale_major ? j : i;
+        const float h_ratio = std::sqrt(an.ratios[ri]);
+        const float w_ratio = 1.0f / h_ratio;
+        const float ws = base * w_ratio * an.scales[si];
+        const float hs = base * h_ratio * an.scales[si];
+        base_anchors.push_back(Box{cx - 0.5f * ws, cy - 0.5f * hs,
+                                   cx + 0.5f * ws, cy + 0.5f * hs});
+      }
+    // Candidates above the score threshold in (position, anchor, class)
+    // order, then the nms_pre best by descending score.
+    std::vector<int64_t> candidates;
+    std::vector<float> level_scores(static_cast<size_t>(plane * num_anchors * classes));
+    for (int64_t p = 0; p < plane; ++p)
+      for (int64_t k = 0; k < num_anchors * classes; ++k) {
+        const float score = sigmoid(cdata[k * plane + p]);
+        const int64_t flat = p * num_anchors * classes + k;
+        level_scores[size_t(flat)] = score;
+        if (score > settings.score_thr) candidates.push_back(flat);
+      }
+    // Python slicing of mmdet's filter_scores_and_topk: a negative nms_pre
+    // gives min(nms_pre, n) < 0, which drops that many from the end.
+    const int64_t n = int64_t(candidates.size());
+    int64_t keep = std::min(settings.nms_pre, n);
+    if (keep < 0) keep = std::max<int64_t>(0, n + keep);
+    // Descending score, ties by position: only the kept ones are sorted.
+    std::partial_sort(candidates.begin(), candidates.begin() + keep,
+                      candidates.end(), [&](int64_t x, int64_t y) {
+                        const float sx = level_scores[size_t(x)];
+                        const float sy = level_scores[size_t(y)];
+                        return sx > sy || (sx == sy && x < y);
+                      });
+    candidates.resize(size_t(keep));
+    for (int64_t flat : candidates) {
+      const int64_t p = flat / (num_anchors * classes);
+      const int64_t a = (flat / classes) % num_anchors;
+      const int64_t label = flat % classes;
+      const float sx = float(p % w) * an.stride_w[size_t(level)];
+      const float sy = float(p / w) * an.stride_h[size_t(level)];
+      const Box& b = base_anchors[size_t(a)];
+      const float ax1 = b.x1 + sx, ay1 = b.y1 + sy;
+      const float ax2 = b.x2 + sx, ay2 = b.y2 + sy;
+      float delta[4];
+      for (int k = 0; k < 4; ++k)
+        delta[k] = ddata[(a * 4 + k) * plane + p] * settings.stds[k] +
+                   settings.means[k];
+      const float px = (ax1 + ax2) * 0.5f, py = (ay1 + ay2) * 0.5f;
+      const float pw = ax2 - ax1, ph = ay2 - ay1;
+      float dx = pw * delta[0], dy = ph * delta[1];
+      float dw = delta[2], dh = delta[3];
+      if (settings.add_ctr_clamp) {
+        dx = std::min(std::max(dx, -settings.ctr_clamp), settings.ctr_clamp);
+        dy = std::min(std::max(dy, -settings.ctr_clamp), settings.ctr_clamp);
+        dw = std::min(dw, max_ratio);
+        dh = std::min(dh, max_ratio);
+      } else {
+        dw = std::min(std::max(dw, -max_ratio), max_ratio);
+        dh = std::min(std::max(dh, -max_ratio), max_ratio);
+      }
+      const float gx = px + dx, gy = py + dy;
+      const float gw = pw * std::exp(dw), gh = ph * std::exp(dh);
+      Box box{gx - gw * 0.5f, gy - gh * 0.5f, gx + gw * 0.5f, gy + gh * 0.5f};
+      if (settings.clip_border) {
+        const float mw = float(image.img_width), mh = float(image.img_height);
+        box.x1 = std::min(std::max(box.x1, 0.0f), mw);
+        box.x2 = std::min(std::max(box.x2, 0.0f), mw);
+        box.y1 = std::min(std::max(box.y1, 0.0f), mh);
+        box.y2 = std::min(std::max(box.y2, 0.0f), mh);
+      }
+      boxes.push_back(box);
+      scores.push_back(level_scores[size_t(flat)]);
+      labels.push_back(label);
+    }
+  }
+  if (rescale) {
+    if (!(image.scale_w > 0) || !(image.scale_h > 0))
+      return invalid("the image scale factors must be positive to rescale");
+    const float fx = float(1.0 / image.scale_w), fy = float(1.0 / image.scale_h);
+    for (Box& b : boxes) {
+      b.x1 *= fx;
+      b.x2 *= fx;
+      b.y1 *= fy;
+      b.y2 *= fy;
+    }
+  }
+  std::vector<int64_t> valid;
+  for (size_t i = 0; i < boxes.size(); ++i) {
+    const Box& b = boxes[i];
+    if (!settings.has_min_bbox_size ||
+        ((b.x2 - b.x1) > settings.min_bbox_size &&
+         (b.y2 - b.y1) > settings.min_bbox_size))
+      valid.push_back(int64_t(i));
+  }
+  out->clear();
+  if (valid.empty()) return Status::Ok();
+  // mmcv batched_nms: class-aware through per-class coordinate offsets.
+  std::vector<Box> nms_boxes(boxes);
+  if (!settings.class_agnostic) {
+    float max_coordinate = -INFINITY;
+    for (int64_t i : valid) {
+      const Box& b = boxes[size_t(i)];
+      max_coordinate = std::max({max_coordinate, b.x1, b.y1, b.x2, b.y2});
+    }
+    for (int64_t i : valid) {
+      const float offset = float(labels[size_t(i)]) * (max_coordinate + 1.0f);
+      Box& b = nms_boxes[size_t(i)];
+      b.x1 += offset;
+      b.y1 += offset;
+      b.x2 += offset;
+      b.y2 += offset;
+    }
+  }
+  std::vector<int64_t> kept;
+  if (int64_t(valid.size()) < settings.split_thr) {
+    kept = nms(nms_boxes, scores, valid, settings.iou_threshold,
+               settings.nms_offset);
+    if (settings.nms_max_num > 0 && int64_t(kept.size()) > settings.nms_max_num)
+      kept.resize(size_t(settings.nms_max_num));
+  } else {
+    std::vector<int64_t> label_ids;
+    for (int64_t i : valid) label_ids.push_back(labels[size_t(i)]);
+    std::sort(label_ids.begin(), label_ids.end());
+    label_ids.erase(std::unique(label_ids.begin(), label_ids.end()),
+                    label_ids.end());
+    for (int64_t label : label_ids) {
+      std::vector<int64_t> subset;
+      for (int64_t i : valid)
+        if (labels[size_t(i)] == label) subset.push_back(i);
+      std::vector<int64_t> k = nms(nms_boxes, scores, subset,
+                                   settings.iou_threshold, settings.nms_offset);
+      kept.insert(kept.end(), k.begin(), k.end());
+    }
+    std::sort(kept.begin(), kept.end());
+    std::stable_sort(kept.begin(), kept.end(), [&](int64_t x, int64_t y) {
+      return scores[size_t(x)] > scores[size_t(y)];
+    });
+    if (settings.nms_max_num > 0 && int64_t(kept.size()) > settings.nms_max_num)
+      kept.resize(size_t(settings.nms_max_num));
+  }
+  if (int64_t(kept.size()) > settings.max_per_img && settings.max_per_img >= 0)
+    kept.resize(size_t(settings.max_per_img));
+  for (int64_t i : kept) {
+    const Box& b = boxes[size_t(i)];
+    out->push_back(Detection{b.x1, b.y1, b.x2, b.y2, scores[size_t(i)],
+                             labels[size_t(i)]});
+  }
+  return Status::Ok();
+}
+
+Status preprocess_rgb_image(const PreprocessSettings& p, const uint8_t* rgb,
+                            int64_t height, int64_t width, Tensor* out,
+                            ImageInfo* info) {
+  if (height < 1 || width < 1 || height > 16384 || width > 16384)
+    return invalid("image size " + std::to_string(width) + "x" +
+                   std::to_string(height) + " is outside 1 to 16384 pixels");
+  int64_t new_w = width, new_h = height;
+  if (p.has_resize) {
+    if (p.keep_ratio) {
+      // mmcv.imrescale: fit the long edge to max(scale) and the short
+      // edge to min(scale).
+      const double long_edge = double(std::max(p.resize_width,
+                                               p.resize_height));
+      const double short_edge = double(std::min(p.resize_width,
+                                                p.resize_height));
+      const double factor = std::min(
+          long_edge / double(std::max(height, width)),
+          short_edge / double(std::min(height, width)));
+      new_w = int64_t(double(width) * factor + 0.5);
+      new_h = int64_t(double(height) * factor + 0.5);
+    } else {
+      new_w = p.resize_width;
+      new_h = p.resize_height;
+    }
+  }
+  new_w = std::max<int64_t>(new_w, 1);
+  new_h = std::max<int64_t>(new_h, 1);
+  info->img_width = new_w;
+  info->img_height = new_h;
+  info->scale_w = double(new_w) / double(width);
+  info->scale_h = double(new_h) / double(height);
+  const int64_t div = p.pad_size_divisor;
+  const int64_t pad_h = (new_h + div - 1) / div * div;
+  const int64_t pad_w = (new_w + div - 1) / div * div;
+  out->shape = {1, 3, pad_h, pad_w};
+  out->data.assign(size_t(3 * pad_h * pad_w), p.pad_value);
+  const double fy = double(height) / double(new_h);
+  const double fx = double(width) / double(new_w);
+  std::vector<int64_t> x0(static_cast<size_t>(new_w)), x1(static_cast<size_t>(new_w));
+  std::vector<float> ax(static_cast<size_t>(new_w));
+  for (int64_t x = 0; x < new_w; ++x) {
+    double src = (double(x) + 0.5) * fx - 0.5;
+    if (src < 0) src = 0;
+    const int64_t i0 = std::min(int64_t(src), width - 1);
+    x0[size_t(x)] = i0;
+    x1[size_t(x)] = std::min(i0 + 1, width - 1);
+    ax[size_t(x)] = float(src - double(i0));
+  }
+  for (int64_t y = 0; y < new_h; ++y) {
+    double src = (double(y) + 0.5) * fy - 0.5;
+    if (src < 0) src = 0;
+    const int64_t y0 = std::min(int64_t(src), height - 1);
+    const int64_t y1 = std::min(y0 + 1, height - 1);
+    const float ay = float(src - double(y0));
+    for (int64_t x = 0; x < new_w; ++x)
+      for (int c = 0; c < 3; ++c) {
+        auto at = [&](int64_t yy, int64_t xx) {
+          return float(rgb[(yy * width + xx) * 3 + c]);
+        };
+        const float top = at(y0, x0[size_t(x)]) * (1 - ax[size_t(x)]) +
+                          at(y0, x1[size_t(x)]) * ax[size_t(x)];
+        const float bottom = at(y1, x0[size_t(x)]) * (1 - ax[size_t(x)]) +
+                             at(y1, x1[size_t(x)]) * ax[size_t(x)];
+        // The resized image is 8-bit, as cv2.resize returns it.
+        const float value = std::round(top * (1 - ay) + bottom * ay);
+        // A PPM is RGB; the model's channel order is RGB when bgr_to_rgb
+        // (MMDetection loads BGR and swaps), else BGR.
+        const int channel = p.bgr_to_rgb ? c : 2 - c;
+        out->data[size_t((channel * pad_h + y) * pad_w + x)] =
+            (value - p.mean[channel]) / p.std[channel];
+      }
+  }
+  return Status::Ok();
+}
+
+}  // namespace dgms_rt

@@ -1,0 +1,75 @@
+// Internal: the parsed, validated content of a packed file.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dgms_rt/conv.h"
+#include "dgms_rt/json.h"
+#include "dgms_rt/model.h"
+
+namespace dgms_rt {
+
+enum class OpType { kConv2d, kLinear, kAdd, kRelu, kRelu6, kMaxPool2d,
+                    kResizeNearest, kFlatten };
+
+struct LayerData {
+  bool is_conv = true;
+  std::string name;
+  // conv
+  ConvGeometry geometry;
+  int bits = 0;                    // 0 for a dense layer
+  std::vector<float> codebook;     // padded to 2^bits with zeros
+  int64_t codebook_entries = 0;    // K as stored
+  std::vector<uint8_t> packed;     // LSB-first bit stream (quantized)
+  std::vector<float> weights;      // dense conv or linear weights, f32
+  std::vector<float> scale;        // empty when null
+  std::vector<float> bias;         // empty when null
+  // linear
+  int64_t in_features = 0, out_features = 0;
+};
+
+struct NodeData {
+  OpType op = OpType::kAdd;
+  std::vector<int> inputs;  // value ids
+  int output = -1;
+  int layer = -1;
+  Activation activation = Activation::kNone;
+  int conv = -1;  // index into the built conv objects
+  // max_pool2d
+  int64_t kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0},
+          dilation[2] = {1, 1};
+  bool ceil_mode = false;
+  // resize_nearest
+  bool size_of = true;
+  int64_t scale[2] = {1, 1};
+};
+
+struct GraphData {
+  std::vector<int> inputs;                               // value ids
+  std::vector<NodeData> nodes;
+  std::vector<std::pair<std::string, int>> outputs;      // name, value id
+  int num_values = 0;
+  std::vector<int> last_use;  // per value: last node index reading it
+};
+
+struct PackedContent {
+  Json meta;
+  std::string detector_type, kind;
+  int64_t num_levels = 0;
+  std::vector<std::string> classes;
+  PreprocessSettings preprocess;
+  std::vector<LayerData> layers;
+  std::map<std::string, GraphData> graphs;
+};
+
+// Parses and validates the whole file.
+Status parse_packed(const uint8_t* data, size_t size, const std::string& name,
+                    PackedContent* out);
+
+uint32_t crc32(const uint8_t* data, size_t size);
+
+}  // namespace dgms_rt

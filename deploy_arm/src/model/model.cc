@@ -1,0 +1,505 @@
+// Model: builds the conv layers of a parsed packed file and executes its
+// graphs (NCHW float32), then the detection post-processing.
+#include "dgms_rt/model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <map>
+
+#include "loader.h"
+
+namespace dgms_rt {
+namespace {
+
+Status invalid(const std::string& message) {
+  return Status(StatusCode::kInvalidArgument, message);
+}
+
+inline float activate(float v, Activation act) {
+  if (act == Activation::kReLU) return v > 0.0f ? v : 0.0f;
+  if (act == Activation::kReLU6) return std::min(std::max(v, 0.0f), 6.0f);
+  return v;
+}
+
+struct BuiltConv {
+  std::unique_ptr<Conv2d> conv;
+  int layer = -1;
+  // Dense layer with a folded scale: the kernel runs without bias and
+  // activation, and fma(y, scale, bias) then the activation follow here.
+  bool affine_after = false;
+  Activation activation = Activation::kNone;
+};
+
+Status check_elements(int64_t count, const std::string& what) {
+  if (count <= 0 || count > ConvLimits::kMaxElements)
+    return invalid(what + " would have " + std::to_string(count) +
+                   " elements; the runtime supports 1 to 2^31 - 1");
+  return Status::Ok();
+}
+
+}  // namespace
+
+class ModelImpl {
+ public:
+  PackedContent content;
+  std::vector<BuiltConv> convs;
+  std::unique_ptr<ThreadPool> pool;
+  DenseHeadSettings head;
+
+  Status build(const ModelOptions& options) {
+    pool.reset(new ThreadPool(options.threads));
+    std::map<std::pair<int, int>, int> made;
+    for (auto& entry : content.graphs) {
+      for (NodeData& node : entry.second.nodes) {
+        if (node.op != OpType::kConv2d) continue;
+        const auto key = std::make_pair(node.layer, int(node.activation));
+        auto it = made.find(key);
+        if (it != made.end()) {
+          node.conv = it->second;
+          continue;
+        }
+        BuiltConv built;
+        Status s = make_conv(content.layers[size_t(node.layer)],
+                             node.activation, options, &built);
+        if (!s.ok())
+          return Status(s.code(), "layer " + std::to_string(node.layer) +
+                                      " (" +
+                                      content.layers[size_t(node.layer)].name +
+                                      "): " + s.message());
+        built.layer = node.layer;
+        node.conv = int(convs.size());
+        made[key] = node.conv;
+        convs.push_back(std::move(built));
+      }
+    }
+    // Parsed weights are now repacked inside the kernels; keep only what
+    // the executor reads itself.
+    for (LayerData& layer : content.layers) {
+      if (!layer.is_conv) continue;
+      layer.packed.clear();
+      layer.packed.shrink_to_fit();
+      layer.weights.clear();
+      layer.weights.shrink_to_fit();
+    }
+    if (content.kind == "single_stage") {
+      const Json* config = content.meta.find("model_config");
+      Status s = parse_dense_head_settings(*config, content.num_levels, &head);
+      if (!s.ok()) return s;
+    }
+    return Status::Ok();
+  }
+
+  Status make_conv(const LayerData& layer, Activation act,
+                   const ModelOptions& options, BuiltConv* out) {
+    const int64_t channels = layer.geometry.out_channels;
+    if (layer.bits > 0) {
+      std::vector<float> ones, zeros;
+      QuantConvDesc desc;
+      desc.geometry = layer.geometry;
+      desc.bits = layer.bits;
+      desc.codebook = layer.codebook.data();
+      desc.codebook_size = int64_t(layer.codebook.size());
+      desc.indices = layer.packed.data();
+      desc.indices_size = int64_t(layer.packed.size());
+      if (layer.scale.empty()) ones.assign(size_t(channels), 1.0f);
+      if (layer.bias.empty()) zeros.assign(size_t(channels), 0.0f);
+      desc.scale = layer.scale.empty() ? ones.data() : layer.scale.data();
+      desc.scale_size = channels;
+      desc.bias = layer.bias.empty() ? zeros.data() : layer.bias.data();
+      desc.bias_size = channels;
+      desc.activation = act;
+      std::unique_ptr<QuantConv2d> conv;
+      Status s = QuantConv2d::create(desc, options.isa, &conv,
+                                     options.quant_kernel);
+      if (!s.ok()) return s;
+      out->conv = std::move(conv);
+      return Status::Ok();
+    }
+    DenseConvDesc desc;
+    desc.geometry = layer.geometry;
+    desc.weights = layer.weights.data();
+    desc.weights_size = int64_t(layer.weights.size());
+    out->affine_after = !layer.scale.empty();
+    out->activation = act;
+    if (!out->affine_after && !layer.bias.empty()) {
+      desc.bias = layer.bias.data();
+      desc.bias_size = channels;
+    }
+    desc.activation = out->affine_after ? Activation::kNone : act;
+    std::unique_ptr<DenseConv2d> conv;
+    Status s = DenseConv2d::create(desc, options.isa, &conv);
+    if (!s.ok()) return s;
+    out->conv = std::move(conv);
+    return Status::Ok();
+  }
+
+  Status run_conv(const NodeData& node, const Tensor& x, Tensor* y) const {
+    const BuiltConv& built = convs[size_t(node.conv)];
+    const ConvGeometry& g = built.conv->geometry();
+    if (x.shape.size() != 4 || x.shape[1] != g.in_channels)
+      return invalid("expects input (N, " + std::to_string(g.in_channels) +
+                     ", H, W), got " + x.shape_string());
+    int64_t oh, ow;
+    Status s = conv_output_size(g, x.shape[2], x.shape[3], &oh, &ow);
+    if (!s.ok()) return s;
+    const int64_t n = x.shape[0];
+    y->shape = {n, g.out_channels, oh, ow};
+    s = check_elements(y->numel(), "the output " + y->shape_string());
+    if (!s.ok()) return s;
+    y->data.resize(size_t(y->numel()));
+    const int64_t in_size = g.in_channels * x.shape[2] * x.shape[3];
+    const int64_t out_size = g.out_channels * oh * ow;
+    for (int64_t b = 0; b < n; ++b) {
+      s = built.conv->run(x.data.data() + b * in_size, in_size, x.shape[2],
+                          x.shape[3], y->data.data() + b * out_size, out_size,
+                          pool.get());
+      if (!s.ok()) return s;
+    }
+    if (built.affine_after) {
+      const LayerData& layer = content.layers[size_t(built.layer)];
+      const int64_t plane = oh * ow;
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t o = 0; o < g.out_channels; ++o) {
+          float* p = y->data.data() + (b * g.out_channels + o) * plane;
+          const float scale = layer.scale[size_t(o)];
+          const float bias = layer.bias[size_t(o)];
+          for (int64_t i = 0; i < plane; ++i)
+            p[i] = activate(std::fma(p[i], scale, bias), built.activation);
+        }
+    }
+    return Status::Ok();
+  }
+
+  Status run_linear(const NodeData& node, const Tensor& x, Tensor* y) const {
+    const LayerData& layer = content.layers[size_t(node.layer)];
+    const int64_t in = layer.in_features, out = layer.out_features;
+    if (x.shape.size() != 2 || x.shape[1] != in)
+      return invalid("expects input (N, " + std::to_string(in) + "), got " +
+                     x.shape_string());
+    const int64_t n = x.shape[0];
+    y->shape = {n, out};
+    Status s = check_elements(y->numel(), "the output " + y->shape_string());
+    if (!s.ok()) return s;
+    y->data.assign(size_t(n * out), 0.0f);
+    pool->parallel_for(n * out, [&](int64_t item) {
+      const int64_t r = item / out, o = item % out;
+      const float* a = x.data.data() + r * in;
+      const float* w = layer.weights.data() + o * in;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < in; ++i) sum += a[i] * w[i];
+      if (!layer.bias.empty()) sum += layer.bias[size_t(o)];
+      y->data[size_t(item)] = activate(sum, node.activation);
+    });
+    return Status::Ok();
+  }
+
+  static Status run_max_pool(const NodeData& node, const Tensor& x,
+                             Tensor* y) {
+    if (x.shape.size() != 4)
+      return invalid("expects an (N, C, H, W) input, got " +
+                     x.shape_string());
+    int64_t out_size[2];
+    for (int k = 0; k < 2; ++k) {
+      const int64_t in = x.shape[size_t(2 + k)];
+      const int64_t span = in + 2 * node.padding[k] -
+                           node.dilation[k] * (node.kernel[k] - 1) - 1;
+      if (span < 0)
+        return invalid("the input " + x.shape_string() +
+                       " is smaller than the pooling window");
+      int64_t o = (span + (node.ceil_mode ? node.stride[k] - 1 : 0)) /
+                      node.stride[k] + 1;
+      // With ceil_mode the last window must start inside the input or
+      // its left padding.
+      if (node.ceil_mode && (o - 1) * node.stride[k] >= in + node.padding[k])
+        --o;
+      out_size[k] = o;
+    }
+    y->shape = {x.shape[0], x.shape[1], out_size[0], out_size[1]};
+    Status s = check_elements(y->numel(), "the output " + y->shape_string());
+    if (!s.ok()) return s;
+    y->data.resize(size_t(y->numel()));
+    const int64_t h = x.shape[2], w = x.shape[3];
+    const int64_t planes = x.shape[0] * x.shape[1];
+    for (int64_t p = 0; p < planes; ++p) {
+      const float* in = x.data.data() + p * h * w;
+      float* out = y->data.data() + p * out_size[0] * out_size[1];
+      for (int64_t oy = 0; oy < out_size[0]; ++oy)
+        for (int64_t ox = 0; ox < out_size[1]; ++ox) {
+          float best = -std::numeric_limits<float>::infinity();
+          for (int64_t ky = 0; ky < node.kernel[0]; ++ky) {
+            const int64_t iy = oy * node.stride[0] - node.padding[0] +
+                               ky * node.dilation[0];
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t kx = 0; kx < node.kernel[1]; ++kx) {
+              const int64_t ix = ox * node.stride[1] - node.padding[1] +
+                                 kx * node.dilation[1];
+              if (ix < 0 || ix >= w) continue;
+              const float v = in[iy * w + ix];
+              // NaN propagates, as in PyTorch.
+              if (v > best || std::isnan(v)) best = v;
+            }
+          }
+          out[oy * out_size[1] + ox] = best;
+        }
+    }
+    return Status::Ok();
+  }
+
+  static Status run_resize(const NodeData& node, const Tensor& x,
+                           const Tensor* ref, Tensor* y) {
+    if (x.shape.size() != 4)
+      return invalid("expects an (N, C, H, W) input, got " +
+                     x.shape_string());
+    const int64_t h = x.shape[2], w = x.shape[3];
+    int64_t oh, ow;
+    float sh, sw;
+    if (node.size_of) {
+      if (ref->shape.size() != 4)
+        return invalid("expects an (N, C, H, W) size reference, got " +
+                       ref->shape_string());
+      oh = ref->shape[2];
+      ow = ref->shape[3];
+      sh = float(h) / float(oh);
+      sw = float(w) / float(ow);
+    } else {
+      oh = h * node.scale[0];
+      ow = w * node.scale[1];
+      sh = 1.0f / float(node.scale[0]);
+      sw = 1.0f / float(node.scale[1]);
+    }
+    y->shape = {x.shape[0], x.shape[1], oh, ow};
+    Status s = check_elements(y->numel(), "the output " + y->shape_string());
+    if (!s.ok()) return s;
+    y->data.resize(size_t(y->numel()));
+    std::vector<int64_t> src_x(static_cast<size_t>(ow));
+    for (int64_t j = 0; j < ow; ++j)
+      src_x[size_t(j)] = std::min(int64_t(std::floor(float(j) * sw)), w - 1);
+    const int64_t planes = x.shape[0] * x.shape[1];
+    for (int64_t p = 0; p < planes; ++p)
+      for (int64_t i = 0; i < oh; ++i) {
+        const int64_t iy = std::min(int64_t(std::floor(float(i) * sh)),
+                                    h - 1);
+        const float* in = x.data.data() + (p * h + iy) * w;
+        float* out = y->data.data() + (p * oh + i) * ow;
+        for (int64_t j = 0; j < ow; ++j) out[j] = in[src_x[size_t(j)]];
+      }
+    return Status::Ok();
+  }
+
+  Status run_node(const NodeData& node, const std::vector<Tensor>& values,
+                  Tensor* y) const {
+    const Tensor& x = values[size_t(node.inputs[0])];
+    switch (node.op) {
+      case OpType::kConv2d:
+        return run_conv(node, x, y);
+      case OpType::kLinear:
+        return run_linear(node, x, y);
+      case OpType::kAdd: {
+        const Tensor& b = values[size_t(node.inputs[1])];
+        if (x.shape != b.shape)
+          return invalid("adds tensors of different shapes " +
+                         x.shape_string() + " and " + b.shape_string());
+        y->shape = x.shape;
+        y->data.resize(x.data.size());
+        for (size_t i = 0; i < x.data.size(); ++i)
+          y->data[i] = activate(x.data[i] + b.data[i], node.activation);
+        return Status::Ok();
+      }
+      case OpType::kRelu:
+      case OpType::kRelu6: {
+        const Activation act = node.op == OpType::kRelu ? Activation::kReLU
+                                                        : Activation::kReLU6;
+        y->shape = x.shape;
+        y->data.resize(x.data.size());
+        for (size_t i = 0; i < x.data.size(); ++i)
+          y->data[i] = activate(x.data[i], act);
+        return Status::Ok();
+      }
+      case OpType::kMaxPool2d:
+        return run_max_pool(node, x, y);
+      case OpType::kResizeNearest:
+        return run_resize(node, x,
+                          node.size_of ? &values[size_t(node.inputs[1])]
+                                       : nullptr,
+                          y);
+      case OpType::kFlatten: {
+        if (x.shape.size() < 2)
+          return invalid("flattens an input of rank 2 or more, got " +
+                         x.shape_string());
+        y->shape = {x.shape[0], x.numel() / std::max<int64_t>(x.shape[0], 1)};
+        y->data = x.data;
+        return Status::Ok();
+      }
+    }
+    return invalid("unknown operator");
+  }
+
+  // Describes node i for profiles: operator, kernel size and weight type.
+  std::string node_label(const NodeData& node) const {
+    static const char* names[] = {"conv2d", "linear", "add", "relu", "relu6",
+                                  "max_pool2d", "resize_nearest", "flatten"};
+    std::string label = names[int(node.op)];
+    if (node.op == OpType::kConv2d) {
+      const LayerData& layer = content.layers[size_t(node.layer)];
+      const ConvGeometry& g = layer.geometry;
+      label += " " + std::to_string(g.kernel_h) + "x" +
+               std::to_string(g.kernel_w);
+      if (g.groups > 1) label += g.groups == g.in_channels ? " dw" : " grouped";
+      label += layer.bits ? " q" + std::to_string(layer.bits) : " f32";
+    }
+    return label;
+  }
+
+  Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
+                   std::vector<std::pair<std::string, Tensor>>* outputs,
+                   std::vector<Model::NodeTime>* times = nullptr) const {
+    auto it = content.graphs.find(name);
+    if (it == content.graphs.end())
+      return invalid("the model has no graph '" + name + "'");
+    const GraphData& graph = it->second;
+    if (inputs.size() != graph.inputs.size())
+      return invalid("graph '" + name + "' takes " +
+                     std::to_string(graph.inputs.size()) + " inputs, got " +
+                     std::to_string(inputs.size()));
+    std::vector<Tensor> values(static_cast<size_t>(graph.num_values));
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const Tensor& t = inputs[i];
+      bool ok = !t.shape.empty();
+      for (int64_t d : t.shape) ok = ok && d > 0;
+      ok = ok && t.numel() <= ConvLimits::kMaxElements &&
+           int64_t(t.data.size()) == t.numel();
+      if (!ok)
+        return invalid("input " + std::to_string(i) + " of graph '" + name +
+                       "' has shape " + t.shape_string() + " and " +
+                       std::to_string(t.data.size()) +
+                       " values; expected positive dimensions and a matching "
+                       "value count");
+      values[size_t(graph.inputs[i])] = t;
+    }
+    for (size_t i = 0; i < graph.nodes.size(); ++i) {
+      const NodeData& node = graph.nodes[i];
+      Tensor y;
+      const auto start = std::chrono::steady_clock::now();
+      Status s = run_node(node, values, &y);
+      if (times != nullptr) {
+        Model::NodeTime t;
+        t.op = node_label(node);
+        if (node.layer >= 0) t.layer = content.layers[size_t(node.layer)].name;
+        t.ms = std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - start).count();
+        times->push_back(t);
+      }
+      if (!s.ok())
+        return Status(s.code(), "graph '" + name + "' node " +
+                                    std::to_string(i) + ": " + s.message());
+      values[size_t(node.output)] = std::move(y);
+      for (int v : node.inputs)
+        if (graph.last_use[size_t(v)] == int(i)) {
+          values[size_t(v)].data.clear();
+          values[size_t(v)].data.shrink_to_fit();
+        }
+    }
+    outputs->clear();
+    for (const auto& o : graph.outputs)
+      outputs->emplace_back(o.first, values[size_t(o.second)]);
+    return Status::Ok();
+  }
+};
+
+Model::Model(std::unique_ptr<ModelImpl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+
+Status Model::load_buffer(const uint8_t* data, size_t size,
+                          const std::string& name, const ModelOptions& options,
+                          std::unique_ptr<Model>* out) {
+  if (options.threads < 1 || options.threads > ThreadPool::kMaxThreads)
+    return invalid("threads is " + std::to_string(options.threads) +
+                   ", expected 1 to " +
+                   std::to_string(ThreadPool::kMaxThreads));
+  std::unique_ptr<ModelImpl> impl(new ModelImpl);
+  Status s = parse_packed(data, size, name, &impl->content);
+  if (!s.ok()) return s;
+  s = impl->build(options);
+  if (!s.ok()) return Status(s.code(), name + ": " + s.message());
+  out->reset(new Model(std::move(impl)));
+  return Status::Ok();
+}
+
+Status Model::load_file(const std::string& path, const ModelOptions& options,
+                        std::unique_ptr<Model>* out) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  if (!file)
+    return invalid("cannot open " + path + ": check the path");
+  const std::streamoff size = file.tellg();
+  if (size < 0) return invalid("cannot read " + path);
+  std::vector<uint8_t> data(static_cast<size_t>(size));
+  file.seekg(0);
+  if (size > 0 && !file.read(reinterpret_cast<char*>(data.data()), size))
+    return invalid("cannot read " + path);
+  return load_buffer(data.data(), data.size(), path, options, out);
+}
+
+const std::string& Model::detector_type() const {
+  return impl_->content.detector_type;
+}
+const std::string& Model::kind() const { return impl_->content.kind; }
+int64_t Model::num_levels() const { return impl_->content.num_levels; }
+const std::vector<std::string>& Model::classes() const {
+  return impl_->content.classes;
+}
+const PreprocessSettings& Model::preprocess() const {
+  return impl_->content.preprocess;
+}
+const Json& Model::meta() const { return impl_->content.meta; }
+
+Status Model::run_graph(
+    const std::string& name, const std::vector<Tensor>& inputs,
+    std::vector<std::pair<std::string, Tensor>>* outputs) const {
+  return impl_->run_graph(name, inputs, outputs);
+}
+
+Status Model::profile_graph(const std::string& name,
+                            const std::vector<Tensor>& inputs,
+                            std::vector<NodeTime>* times) const {
+  std::vector<std::pair<std::string, Tensor>> outputs;
+  times->clear();
+  return impl_->run_graph(name, inputs, &outputs, times);
+}
+
+Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
+                     bool rescale,
+                     std::vector<std::vector<Detection>>* detections) const {
+  if (impl_->content.kind != "single_stage")
+    return Status(StatusCode::kUnsupported,
+                  "detect supports single_stage detectors (RetinaNet); this "
+                  "model is " + impl_->content.kind);
+  if (input.shape.size() != 4 || input.shape[1] != 3 ||
+      int64_t(images.size()) != input.shape[0])
+    return invalid("detect takes an (N, 3, H, W) tensor and N image "
+                   "descriptions, got " + input.shape_string() + " and " +
+                   std::to_string(images.size()));
+  std::vector<std::pair<std::string, Tensor>> outputs;
+  Status s = impl_->run_graph("main", {input}, &outputs);
+  if (!s.ok()) return s;
+  const int64_t levels = impl_->content.num_levels;
+  std::vector<const Tensor*> cls(static_cast<size_t>(levels)), bbox(static_cast<size_t>(levels));
+  for (const auto& o : outputs)
+    for (int64_t i = 0; i < levels; ++i) {
+      if (o.first == "cls_score." + std::to_string(i)) cls[size_t(i)] =
+          &o.second;
+      if (o.first == "bbox_pred." + std::to_string(i)) bbox[size_t(i)] =
+          &o.second;
+    }
+  detections->assign(images.size(), {});
+  for (size_t b = 0; b < images.size(); ++b) {
+    s = postprocess_dense_head(impl_->head, cls, bbox, int64_t(b), images[b],
+                               rescale, &(*detections)[b]);
+    if (!s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
+}  // namespace dgms_rt

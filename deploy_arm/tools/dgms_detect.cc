@@ -1,0 +1,304 @@
+// dgms_detect: run a packed detector on one image and print detections.
+//
+//   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
+//               [--repeat R] [--warmup W] [--profile]
+//
+// INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
+// normalises and pads as the model's META `preprocess` says, or a tensor
+// file (magic DGMSTENS) holding an already preprocessed image; the layout
+// is in docs/deploy_arm.md. Detections are JSON, boxes in original-image
+// pixels. --repeat R times R runs of detection after W warm-up runs and
+// reports the median and minimum latency on stderr; --profile prints the
+// main graph's time per operator kind (one more run) on stderr.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dgms_rt/model.h"
+
+namespace {
+
+using dgms_rt::Status;
+using dgms_rt::StatusCode;
+
+Status invalid(const std::string& message) {
+  return Status(StatusCode::kInvalidArgument, message);
+}
+
+Status read_file(const std::string& path, std::vector<uint8_t>* out) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return invalid("cannot open " + path + ": check the path");
+  out->assign(std::istreambuf_iterator<char>(file),
+              std::istreambuf_iterator<char>());
+  return Status::Ok();
+}
+
+// Reads one PPM header token, skipping whitespace and # comments.
+bool ppm_token(const std::vector<uint8_t>& d, size_t* pos, long* value) {
+  while (*pos < d.size()) {
+    if (d[*pos] == '#') {
+      while (*pos < d.size() && d[*pos] != '\n') ++*pos;
+    } else if (std::isspace(d[*pos])) {
+      ++*pos;
+    } else {
+      break;
+    }
+  }
+  long v = 0;
+  size_t digits = 0;
+  while (*pos < d.size() && d[*pos] >= '0' && d[*pos] <= '9' && digits < 9) {
+    v = v * 10 + (d[*pos] - '0');
+    ++*pos;
+    ++digits;
+  }
+  *value = v;
+  return digits > 0;
+}
+
+Status load_ppm(const std::vector<uint8_t>& d, const std::string& path,
+                const dgms_rt::PreprocessSettings& settings,
+                dgms_rt::Tensor* tensor, dgms_rt::ImageInfo* info) {
+  size_t pos = 2;
+  long width, height, maxval;
+  if (!ppm_token(d, &pos, &width) || !ppm_token(d, &pos, &height) ||
+      !ppm_token(d, &pos, &maxval) || pos >= d.size() ||
+      !std::isspace(d[pos]))
+    return invalid(path + ": malformed PPM header");
+  ++pos;
+  if (maxval != 255)
+    return invalid(path + ": PPM maxval is " + std::to_string(maxval) +
+                   ", only 8-bit (255) images are supported");
+  if (width < 1 || height < 1 || width > 16384 || height > 16384)
+    return invalid(path + ": PPM size " + std::to_string(width) + "x" +
+                   std::to_string(height) + " is outside 1 to 16384");
+  const size_t bytes = size_t(width) * size_t(height) * 3;
+  if (d.size() - pos < bytes)
+    return invalid(path + ": PPM pixel data is truncated");
+  return dgms_rt::preprocess_rgb_image(settings, d.data() + pos, height,
+                                       width, tensor, info);
+}
+
+uint32_t rd32(const uint8_t* p) {
+  return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) |
+         (uint32_t(p[3]) << 24);
+}
+
+// Tensor file: "DGMSTENS", u32 version 1, u32 C, H, W, u32 img_height,
+// img_width, f64 scale_w, scale_h, then C*H*W float32, all little-endian.
+Status load_tensor(const std::vector<uint8_t>& d, const std::string& path,
+                   dgms_rt::Tensor* tensor, dgms_rt::ImageInfo* info) {
+  const size_t header = 48;
+  if (d.size() < header)
+    return invalid(path + ": tensor file shorter than its 48-byte header");
+  if (rd32(d.data() + 8) != 1)
+    return invalid(path + ": tensor file version " +
+                   std::to_string(rd32(d.data() + 8)) + " is not 1");
+  const uint32_t c = rd32(d.data() + 12), h = rd32(d.data() + 16),
+                 w = rd32(d.data() + 20);
+  if (c != 3 || h < 1 || w < 1 || h > 16384 || w > 16384)
+    return invalid(path + ": tensor shape (" + std::to_string(c) + ", " +
+                   std::to_string(h) + ", " + std::to_string(w) +
+                   ") must be (3, H, W) with H and W in 1 to 16384");
+  info->img_height = rd32(d.data() + 24);
+  info->img_width = rd32(d.data() + 28);
+  std::memcpy(&info->scale_w, d.data() + 32, 8);
+  std::memcpy(&info->scale_h, d.data() + 40, 8);
+  const size_t count = size_t(c) * h * w;
+  if (d.size() != header + 4 * count)
+    return invalid(path + ": tensor file has " + std::to_string(d.size()) +
+                   " bytes, expected " + std::to_string(header + 4 * count));
+  tensor->shape = {1, int64_t(c), int64_t(h), int64_t(w)};
+  tensor->data.resize(count);
+  std::memcpy(tensor->data.data(), d.data() + header, 4 * count);
+  return Status::Ok();
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", v);
+  return buf;
+}
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: dgms_detect MODEL.dgms INPUT [--threads N] "
+               "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
+               "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n");
+  return 2;
+}
+
+int fail(const Status& s) {
+  std::fprintf(stderr, "dgms_detect: error: %s\n", s.message().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> positional;
+  int threads = 1, repeat = 0, warmup = 1;
+  bool profile = false;
+  std::string output;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&](const char* name) -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "dgms_detect: %s needs a value\n", name);
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    auto integer = [&](const char* name, int low, int high) {
+      const char* text = value(name);
+      char* end = nullptr;
+      const long v = std::strtol(text, &end, 10);
+      if (*text == '\0' || *end != '\0' || v < low || v > high) {
+        std::fprintf(stderr, "dgms_detect: %s is '%s', expected an integer "
+                     "in [%d, %d]\n", name, text, low, high);
+        std::exit(2);
+      }
+      return int(v);
+    };
+    if (arg == "--threads") threads = integer("--threads", 1, 256);
+    else if (arg == "--repeat") repeat = integer("--repeat", 0, 100000);
+    else if (arg == "--warmup") warmup = integer("--warmup", 0, 100000);
+    else if (arg == "--output") output = value("--output");
+    else if (arg == "--profile") profile = true;
+    else if (arg == "-h" || arg == "--help") return usage();
+    else if (arg.rfind("--", 0) == 0) {
+      std::fprintf(stderr, "dgms_detect: unknown option %s\n", arg.c_str());
+      return usage();
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (positional.size() != 2) return usage();
+
+  dgms_rt::ModelOptions options;
+  options.threads = threads;
+  std::unique_ptr<dgms_rt::Model> model;
+  const auto load_start = std::chrono::steady_clock::now();
+  Status s = dgms_rt::Model::load_file(positional[0], options, &model);
+  if (!s.ok()) return fail(s);
+  const double load_ms = std::chrono::duration<double, std::milli>(
+      std::chrono::steady_clock::now() - load_start).count();
+
+  std::vector<uint8_t> input;
+  s = read_file(positional[1], &input);
+  if (!s.ok()) return fail(s);
+  dgms_rt::Tensor tensor;
+  dgms_rt::ImageInfo info;
+  if (input.size() >= 2 && input[0] == 'P' && input[1] == '6') {
+    s = load_ppm(input, positional[1], model->preprocess(), &tensor, &info);
+  } else if (input.size() >= 8 && std::memcmp(input.data(), "DGMSTENS", 8) ==
+                                      0) {
+    s = load_tensor(input, positional[1], &tensor, &info);
+  } else {
+    s = invalid(positional[1] + " is neither a binary PPM (P6) nor a "
+                "DGMSTENS tensor file");
+  }
+  if (!s.ok()) return fail(s);
+
+  std::vector<std::vector<dgms_rt::Detection>> dets;
+  for (int i = 0; i < (repeat > 0 ? warmup : 0); ++i) {
+    s = model->detect(tensor, {info}, true, &dets);
+    if (!s.ok()) return fail(s);
+  }
+  std::vector<double> times;
+  for (int i = 0; i < std::max(repeat, 1); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    s = model->detect(tensor, {info}, true, &dets);
+    if (!s.ok()) return fail(s);
+    times.push_back(std::chrono::duration<double, std::milli>(
+        std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  std::fprintf(stderr,
+               "dgms_detect: load %.1f ms; detect on %s input, %d thread(s): "
+               "median %.2f ms, min %.2f ms over %zu run(s)\n",
+               load_ms, tensor.shape_string().c_str(), threads,
+               times[times.size() / 2], times[0], times.size());
+
+  if (profile) {
+    std::vector<dgms_rt::Model::NodeTime> node_times;
+    s = model->profile_graph("main", {tensor}, &node_times);
+    if (!s.ok()) return fail(s);
+    std::map<std::string, std::pair<double, int>> by_op;
+    double total = 0;
+    for (const auto& t : node_times) {
+      by_op[t.op].first += t.ms;
+      by_op[t.op].second += 1;
+      total += t.ms;
+    }
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& entry : by_op)
+      rows.emplace_back(entry.second.first, entry.first);
+    std::sort(rows.rbegin(), rows.rend());
+    std::fprintf(stderr, "dgms_detect: main graph %.2f ms by operator:\n",
+                 total);
+    for (const auto& row : rows)
+      std::fprintf(stderr, "  %-24s %4d nodes %9.2f ms %5.1f%%\n",
+                   row.second.c_str(), by_op[row.second].second, row.first,
+                   100.0 * row.first / total);
+  }
+
+  std::ostringstream json;
+  json << "{\"model\": " << json_string(positional[0])
+       << ", \"input\": " << json_string(positional[1])
+       << ", \"detections\": [";
+  const auto& classes = model->classes();
+  for (size_t i = 0; i < dets[0].size(); ++i) {
+    const auto& d = dets[0][i];
+    json << (i ? ",\n  " : "\n  ") << "{\"bbox\": [" << number(d.x1) << ", "
+         << number(d.y1) << ", " << number(d.x2) << ", " << number(d.y2)
+         << "], \"score\": " << number(d.score) << ", \"label\": " << d.label
+         << ", \"class\": "
+         << (d.label < int64_t(classes.size())
+                 ? json_string(classes[size_t(d.label)])
+                 : std::string("null"))
+         << "}";
+  }
+  json << "]}\n";
+  const std::string text = json.str();
+  if (output.empty()) {
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    return 0;
+  }
+  // Atomic write: a temporary file beside the target, then rename.
+  const std::string tmp = output + ".tmp";
+  {
+    std::ofstream file(tmp, std::ios::binary | std::ios::trunc);
+    if (!file || !file.write(text.data(), std::streamsize(text.size())) ||
+        !file.flush())
+      return fail(invalid("cannot write " + tmp));
+  }
+  if (std::rename(tmp.c_str(), output.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return fail(invalid("cannot rename " + tmp + " to " + output));
+  }
+  return 0;
+}

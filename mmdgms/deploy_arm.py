@@ -1,0 +1,168 @@
+"""ctypes binding of the mobile runtime's packed-model API.
+
+:class:`RuntimeDetector` loads a packed file (docs/packed-format.md) into
+the C++ runtime of ``deploy_arm/`` and detects objects in preprocessed
+images; :func:`attach_runtime` makes an MMDetection detector's ``predict``
+run through it, so a Runner's test loop evaluates the runtime.
+
+The shared library is ``deploy_arm/build/release/libdgms_model_c.so``
+(built with CMake on first use when missing), or the path in the
+environment variable ``DGMS_RT_LIBRARY``.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from mmengine.logging import print_log
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_DIR = REPO_ROOT / 'deploy_arm'
+BUILD_DIR = RUNTIME_DIR / 'build' / 'release'
+LIBRARY_NAME = 'libdgms_model_c.so'
+
+
+class RuntimeFailure(RuntimeError):
+    """An error reported by the C++ runtime, with its message."""
+
+
+def build_library(build_dir: Path = BUILD_DIR) -> Path:
+    """Configure and build the model library with CMake; return its path.
+
+    An up-to-date build is reused (CMake rebuilds only what changed)."""
+    if shutil.which('cmake') is None:
+        raise RuntimeFailure('cmake is not installed; install the Debian '
+                            'package cmake to build deploy_arm/')
+    subprocess.run(['cmake', '-S', str(RUNTIME_DIR), '-B', str(build_dir),
+                    '-DCMAKE_BUILD_TYPE=Release'],
+                   check=True, capture_output=True, text=True)
+    subprocess.run(['cmake', '--build', str(build_dir), '--target',
+                    'dgms_model_c', 'dgms_detect', '-j', '2'],
+                   check=True, capture_output=True, text=True)
+    return build_dir / LIBRARY_NAME
+
+
+def load_library(path: Optional[str] = None) -> ctypes.CDLL:
+    """Open the runtime library (``path``, $DGMS_RT_LIBRARY, or a build)."""
+    path = path or os.environ.get('DGMS_RT_LIBRARY')
+    if path is None:
+        path = str(build_library())
+    lib = ctypes.CDLL(str(path))
+    i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+    lib.dgms_model_last_error.restype = ctypes.c_char_p
+    lib.dgms_model_load.argtypes = [ctypes.c_char_p, ctypes.c_int,
+                                    ctypes.POINTER(ctypes.c_void_p)]
+    lib.dgms_model_load_buffer.argtypes = [
+        ctypes.c_char_p, i64, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    lib.dgms_model_destroy.argtypes = [ctypes.c_void_p]
+    lib.dgms_model_kind.argtypes = [ctypes.c_void_p]
+    lib.dgms_model_kind.restype = ctypes.c_char_p
+    lib.dgms_model_detect.argtypes = [
+        ctypes.c_void_p, f32p, i64, i64, i64, i64, ctypes.c_double,
+        ctypes.c_double, ctypes.c_int, f32p, i64, ctypes.POINTER(i64)]
+    return lib
+
+
+class RuntimeDetector:
+    """A packed single-stage detector running in the C++ runtime.
+
+    Args:
+        source: path of a packed file, or its bytes.
+        threads: threads of the runtime's convolutions.
+        library: path of libdgms_model_c.so (default: see module doc).
+        max_detections: capacity of the result buffer per image.
+    """
+
+    def __init__(self, source, threads: int = 1,
+                 library: Optional[str] = None,
+                 max_detections: int = 100000):
+        self.lib = load_library(library)
+        self.max_detections = max_detections
+        handle = ctypes.c_void_p()
+        if isinstance(source, (bytes, bytearray)):
+            status = self.lib.dgms_model_load_buffer(bytes(source),
+                                                     len(source), threads,
+                                                     ctypes.byref(handle))
+        else:
+            status = self.lib.dgms_model_load(str(source).encode(), threads,
+                                              ctypes.byref(handle))
+        if status != 0:
+            raise RuntimeFailure(self.lib.dgms_model_last_error().decode())
+        self.handle = handle
+
+    def close(self) -> None:
+        if getattr(self, 'handle', None):
+            self.lib.dgms_model_destroy(self.handle)
+            self.handle = None
+
+    def __del__(self):
+        self.close()
+
+    @property
+    def kind(self) -> str:
+        return self.lib.dgms_model_kind(self.handle).decode()
+
+    def detect(self, image: np.ndarray, img_shape: Sequence[int],
+               scale_factor: Sequence[float], rescale: bool = True
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detect objects in one preprocessed image.
+
+        Args:
+            image: float32 (3, H, W), normalised and padded.
+            img_shape: (height, width) after resizing, before padding.
+            scale_factor: (w_scale, h_scale) of the resize.
+            rescale: return boxes in original-image pixels.
+
+        Returns:
+            bboxes (n, 4) as x1, y1, x2, y2, scores (n,), labels (n,),
+            by descending score.
+        """
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f'image must be (3, H, W), got {image.shape}')
+        out = np.empty((self.max_detections, 6), np.float32)
+        count = ctypes.c_int64()
+        f32p = ctypes.POINTER(ctypes.c_float)
+        status = self.lib.dgms_model_detect(
+            self.handle, image.ctypes.data_as(f32p), image.shape[1],
+            image.shape[2], int(img_shape[0]), int(img_shape[1]),
+            float(scale_factor[0]), float(scale_factor[1]), int(rescale),
+            out.ctypes.data_as(f32p), self.max_detections,
+            ctypes.byref(count))
+        if status != 0:
+            raise RuntimeFailure(self.lib.dgms_model_last_error().decode())
+        result = out[:count.value]
+        return (result[:, :4].copy(), result[:, 4].copy(),
+                result[:, 5].astype(np.int64))
+
+    def predict(self, inputs: torch.Tensor, data_samples, rescale=True):
+        """Fill ``pred_instances`` of MMDetection data samples for a batch
+        that the detector's data_preprocessor produced."""
+        from mmengine.structures import InstanceData
+        for image, sample in zip(inputs, data_samples):
+            bboxes, scores, labels = self.detect(
+                image.detach().cpu().numpy(), sample.img_shape,
+                sample.scale_factor, rescale)
+            results = InstanceData()
+            results.bboxes = torch.from_numpy(bboxes)
+            results.scores = torch.from_numpy(scores)
+            results.labels = torch.from_numpy(labels)
+            sample.pred_instances = results
+        return data_samples
+
+
+def attach_runtime(detector, runtime: RuntimeDetector):
+    """Make ``detector.predict`` run ``runtime``: the detector keeps its
+    data preprocessor (MMDetection's normalisation and padding), and the
+    tensor goes through the C++ runtime."""
+    if runtime.kind != 'single_stage':
+        raise ValueError(f'the runtime detects with single_stage models, '
+                         f'this one is {runtime.kind}')
+    detector.predict = runtime.predict
+    print_log('detector predictions now come from the C++ runtime',
+              logger='current')
+    return detector

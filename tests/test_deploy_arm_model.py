@@ -1,0 +1,289 @@
+"""The mobile runtime on packed detectors: end to end against the Python
+reference reader, COCO mAP, malformed files, sanitizers and AArch64.
+
+The tiny RetinaNet (tests/configs/tiny_retinanet_fp.py) gets a 4-bit DGMS
+checkpoint without training (random weights, k-means mixtures) and is
+packed with rANS indices. Tolerance against the Python reader: the C++
+convolutions sum in another order, so scores move by float32 rounding;
+every one of the reference's 20 best detections must have a runtime
+detection of the same label among the 40 best with IoU >= 0.99 and a
+score within 1e-4, and the other way round.
+"""
+import ctypes
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from mmdgms.deploy_arm import RUNTIME_DIR, RuntimeDetector, RuntimeFailure
+from mmdgms.pack import load_packed_detector, read_packed
+from mmdgms.pack.container import Section, decode_container, encode_container
+from mmdgms.pack.packer import pack_checkpoint
+
+from conftest import REPO_ROOT, TEST_CONFIGS, write_config
+from test_pack_detectors import first_batches, make_checkpoint
+from test_runner import parse_map, run_tool
+
+TOP = 20
+
+
+@pytest.fixture(scope='module')
+def packed(tree_data, tmp_path_factory):
+    """(config, checkpoint, packed file) of a 4-bit tiny RetinaNet."""
+    folder = tmp_path_factory.mktemp('runtime_model')
+    config = write_config(
+        folder / 'retinanet_4.py', TEST_CONFIGS / 'tiny_retinanet_fp.py',
+        tree_data, "custom_hooks = [dict(type='DGMSHook', bits=4)]\n")
+    checkpoint = folder / 'retinanet_4.pth'
+    make_checkpoint(config, checkpoint, seed=4)
+    path = folder / 'retinanet_4.dgms'
+    pack_checkpoint(str(config), str(checkpoint), str(path), entropy=True)
+    return config, checkpoint, path
+
+
+def assert_same_detections(expected, got):
+    from mmdet.structures.bbox import bbox_overlaps
+    for a, b in ((expected, got), (got, expected)):
+        count = min(TOP, len(a.scores))
+        candidates = min(2 * TOP, len(b.scores))
+        assert count > 0 and candidates > 0
+        overlaps = bbox_overlaps(a.bboxes[:count], b.bboxes[:candidates])
+        for i in range(count):
+            match = ((overlaps[i] >= 0.99)
+                     & (b.labels[:candidates] == a.labels[i])
+                     & ((b.scores[:candidates] - a.scores[i]).abs() <= 1e-4))
+            assert bool(match.any()), (i, a.bboxes[i], a.scores[i])
+
+
+def write_tensor_file(path, image, img_shape, scale_factor):
+    """The DGMSTENS layout of docs/deploy_arm.md."""
+    image = np.ascontiguousarray(image, dtype='<f4')
+    header = b'DGMSTENS' + struct.pack('<6I2d', 1, *image.shape,
+                                       img_shape[0], img_shape[1],
+                                       *scale_factor)
+    path.write_bytes(header + image.tobytes())
+
+
+def test_runtime_matches_python_reader(packed):
+    config, _, path = packed
+    reference, _ = load_packed_detector(str(path))
+    runtime = RuntimeDetector(path, threads=2)
+    assert runtime.kind == 'single_stage'
+    for batch in first_batches(config):
+        with torch.no_grad():
+            expected = reference.test_step(batch)
+            data = reference.data_preprocessor(batch, False)
+        got = runtime.predict(data['inputs'], data['data_samples'])
+        for a, b in zip(expected, got):
+            assert_same_detections(a.pred_instances, b.pred_instances)
+
+
+def test_thread_counts_agree(packed):
+    config, _, path = packed
+    reference, _ = load_packed_detector(str(path))
+    batch = first_batches(config, 1)[0]
+    data = reference.data_preprocessor(batch, False)
+    image = data['inputs'][0].numpy()
+    sample = data['data_samples'][0]
+    results = [RuntimeDetector(path, threads=n).detect(
+        image, sample.img_shape, sample.scale_factor) for n in (1, 3)]
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_map_through_runtime_equals_pytorch(packed, tmp_path):
+    config, checkpoint, path = packed
+    pytorch_log = run_tool([
+        REPO_ROOT / 'tools' / 'test.py', config, checkpoint, '--work-dir',
+        tmp_path / 'ckpt'])
+    runtime_log = run_tool([
+        REPO_ROOT / 'tools' / 'test_runtime.py', config, path, '--threads',
+        '2', '--work-dir', tmp_path / 'runtime'])
+    expected, got = parse_map(pytorch_log), parse_map(runtime_log)
+    assert abs(expected[0] - got[0]) <= 0.1, (expected, got)
+    assert abs(expected[1] - got[1]) <= 0.1, (expected, got)
+
+
+def expect_rejected(data: bytes, what: str) -> str:
+    with pytest.raises(RuntimeFailure) as info:
+        RuntimeDetector(data)
+    message = str(info.value)
+    assert message, what
+    return message
+
+
+def rebuild(sections, index, data):
+    """The file with section ``index`` replaced (CRCs recomputed)."""
+    changed = list(sections)
+    changed[index] = Section(changed[index].tag, data)
+    return encode_container(changed)
+
+
+def replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in data, old
+    return data.replace(old, new, 1)
+
+
+def test_malformed_files_are_rejected(packed):
+    _, _, path = packed
+    data = path.read_bytes()
+    RuntimeDetector(data)  # the intact file loads
+    assert 'truncated' in expect_rejected(data[:40], 'short')
+    assert 'magic' in expect_rejected(b'X' + data[1:], 'magic')
+    # Every truncation of the first 4 KB and a spread of longer ones.
+    lengths = list(range(0, 4096, 7)) + list(
+        np.linspace(4096, len(data) - 1, 60).astype(int))
+    for length in lengths:
+        expect_rejected(data[:length], f'truncated to {length}')
+    expect_rejected(data + b'\0', 'trailing byte')
+    rng = np.random.default_rng(0)
+    for position in rng.integers(0, len(data), 150):
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << int(rng.integers(0, 8))
+        expect_rejected(bytes(flipped), f'flip at {position}')
+
+
+def test_corrupt_content_with_valid_checksums(packed):
+    """Damage behind valid CRCs: JSON fields, absurd shapes, index data."""
+    _, _, path = packed
+    sections = decode_container(path.read_bytes())
+    grph = json.loads(sections[1].data)
+    conv = next(i for i, layer in enumerate(grph['layers'])
+                if 'bits' in layer and layer.get('groups', 1) == 1)
+    layer = grph['layers'][conv]
+    assert layer['bias'] is not None
+
+    def with_layer(**fields):
+        changed = json.loads(sections[1].data)
+        changed['layers'][conv].update(fields)
+        return rebuild(sections, 1, json.dumps(changed).encode())
+
+    cases = {
+        'outside': with_layer(in_channels=1 << 40),
+        'two integers in [1, 64]': with_layer(kernel=[1000, 1]),
+        'groups': with_layer(groups=7),
+        'are stored': with_layer(bias=[layer['bias'][0],
+                                       layer['bias'][1] - 4]),
+        'rANS': with_layer(out_channels=layer['out_channels'] + 1),
+        'spans bytes': with_layer(indices=[0, 1 << 62]),
+        'unknown index encoding': with_layer(encoding='zip'),
+        'invalid JSON': rebuild(sections, 1, sections[1].data[:-1]),
+        'not defined': rebuild(sections, 1, replace_once(
+            sections[1].data, b'"inputs":["v1"]', b'"inputs":["nope"]')),
+    }
+    for expected, data in cases.items():
+        message = expect_rejected(data, expected)
+        assert expected in message, (expected, message)
+    # Random damage inside a quantized layer's section: either a clear
+    # error (rANS end state, index range, NaN) or a model that loads.
+    layer_section = sections[2 + conv].data
+    rng = np.random.default_rng(1)
+    errors = 0
+    for _ in range(40):
+        damaged = bytearray(layer_section)
+        for position in rng.integers(0, len(damaged), 3):
+            damaged[position] = int(rng.integers(0, 256))
+        try:
+            RuntimeDetector(rebuild(sections, 2 + conv, bytes(damaged)))
+        except RuntimeFailure as error:
+            assert str(error)
+            errors += 1
+    assert errors > 0
+
+
+def build_variant(name, *cmake_args):
+    build_dir = RUNTIME_DIR / 'build' / name
+    subprocess.run(['cmake', '-S', str(RUNTIME_DIR), '-B', str(build_dir),
+                    *cmake_args], check=True, capture_output=True)
+    subprocess.run(['cmake', '--build', str(build_dir), '--target',
+                    'dgms_detect', '-j', '2'], check=True,
+                   capture_output=True)
+    return build_dir / 'dgms_detect'
+
+
+def detections_of(command, env=None):
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          timeout=600, env=env)
+    return proc
+
+
+@pytest.fixture(scope='module')
+def tensor_file(packed, tmp_path_factory):
+    config, _, path = packed
+    reference, _ = load_packed_detector(str(path))
+    batch = first_batches(config, 1)[0]
+    data = reference.data_preprocessor(batch, False)
+    sample = data['data_samples'][0]
+    out = tmp_path_factory.mktemp('tensor') / 'image.bin'
+    write_tensor_file(out, data['inputs'][0].numpy(), sample.img_shape,
+                      sample.scale_factor)
+    expected = RuntimeDetector(path).detect(data['inputs'][0].numpy(),
+                                            sample.img_shape,
+                                            sample.scale_factor)
+    return out, expected
+
+
+def check_cli_detections(proc, expected):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dets = json.loads(proc.stdout)['detections']
+    bboxes, scores, labels = expected
+    assert len(dets) == len(scores)
+    got_boxes = np.array([d['bbox'] for d in dets], np.float32)
+    got_scores = np.array([d['score'] for d in dets], np.float32)
+    np.testing.assert_allclose(got_boxes[:TOP], bboxes[:TOP], atol=1e-2)
+    np.testing.assert_allclose(got_scores[:TOP], scores[:TOP], atol=1e-4)
+    assert dets[0]['class'] == 'tree'
+
+
+def test_cli_under_sanitizers(packed, tensor_file, tmp_path):
+    """dgms_detect built with ASan + UBSan: a clean run, and malformed
+    files give an error exit, never a sanitizer report."""
+    _, _, path = packed
+    binary = build_variant('sanitize', '-DCMAKE_BUILD_TYPE=RelWithDebInfo',
+                           '-DDGMS_RT_SANITIZE=ON',
+                           '-DDGMS_RT_BUILD_BENCHMARKS=OFF')
+    env = dict(os.environ, ASAN_OPTIONS='detect_leaks=1:abort_on_error=1',
+               UBSAN_OPTIONS='print_stacktrace=1:halt_on_error=1')
+    check_cli_detections(
+        detections_of([str(binary), str(path), str(tensor_file[0]),
+                       '--threads', '2'], env), tensor_file[1])
+    data = path.read_bytes()
+    sections = decode_container(data)
+    bad = {
+        'short': data[:100],
+        'flip': data[:5000] + bytes([data[5000] ^ 4]) + data[5001:],
+        'json': rebuild(sections, 1, sections[1].data[:len(sections[1].data)
+                                                       // 2]),
+        'shape': rebuild(sections, 1, replace_once(
+            sections[1].data, b'"in_channels":3,',
+            b'"in_channels":99999999,')),
+    }
+    for name, content in bad.items():
+        bad_path = tmp_path / f'{name}.dgms'
+        bad_path.write_bytes(content)
+        proc = detections_of([str(binary), str(bad_path),
+                              str(tensor_file[0])], env)
+        assert proc.returncode == 1, (name, proc.stderr[-3000:])
+        assert 'dgms_detect: error:' in proc.stderr
+        assert 'Sanitizer' not in proc.stderr
+
+
+def test_cli_on_aarch64_under_qemu(packed, tensor_file):
+    """The AArch64 build (NEON kernels) gives the native detections."""
+    if shutil.which('aarch64-linux-gnu-g++') is None or shutil.which(
+            'qemu-aarch64') is None:
+        pytest.fail('install g++-aarch64-linux-gnu and qemu-user to test '
+                    'the AArch64 build')
+    _, _, path = packed
+    binary = build_variant(
+        'aarch64', '-DCMAKE_BUILD_TYPE=Release',
+        f'-DCMAKE_TOOLCHAIN_FILE={RUNTIME_DIR}/cmake/aarch64-linux-gnu.cmake')
+    check_cli_detections(
+        detections_of(['qemu-aarch64', '-L', '/usr/aarch64-linux-gnu',
+                       str(binary), str(path), str(tensor_file[0]),
+                       '--threads', '2']), tensor_file[1])
