@@ -2,6 +2,7 @@
 
 Examples:
     python tools/pack.py CONFIG CHECKPOINT -o model.dgms --report
+    python tools/pack.py CONFIG CHECKPOINT --report   # report only
     python tools/pack.py CONFIG CHECKPOINT -o model.dgms --entropy \\
         --weight-dtype f16
 
@@ -26,8 +27,10 @@ def parse_args(argv=None):
     parser.add_argument('config', help='the DGMS config the checkpoint was '
                         'trained with')
     parser.add_argument('checkpoint', help='a DGMS checkpoint (.pth)')
-    parser.add_argument('-o', '--out', required=True,
-                        help='path of the packed file to write')
+    parser.add_argument('-o', '--out',
+                        help='path of the packed file to write; may be left '
+                        'out with --report to print the compression report '
+                        'only')
     parser.add_argument('--weight-dtype', choices=['f32', 'f16'],
                         default='f32',
                         help='storage of the layers kept in full precision '
@@ -98,6 +101,10 @@ def format_report(reports: List[LayerReport], file_size: int,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None and not args.report:
+        print('error: give -o OUT to write the packed file, or --report to '
+              'print the compression report only', file=sys.stderr)
+        return 2
     start = time.time()
     print(f'packing {args.checkpoint} with {args.config} ...', flush=True)
     try:
@@ -114,8 +121,12 @@ def main(argv=None) -> int:
     if result.max_abs_diff is not None:
         print('verified: packed graph outputs differ from PyTorch by at most '
               f'{result.max_abs_diff:.3g}')
-    print(f'wrote {result.path} ({result.file_size} bytes) in '
-          f'{time.time() - start:.1f} s')
+    if args.out is None:
+        print(f'packed {result.file_size} bytes in memory in '
+              f'{time.time() - start:.1f} s (no file written: no -o given)')
+    else:
+        print(f'wrote {result.path} ({result.file_size} bytes) in '
+              f'{time.time() - start:.1f} s')
     return 0
 
 

@@ -25,7 +25,7 @@ class PackError(ValueError):
 @dataclass
 class PackResult:
     """Output file, size reports and verification of one packing run."""
-    path: str
+    path: Optional[str]  # None when nothing was written
     file_size: int
     reports: List[LayerReport]
     max_abs_diff: Optional[float]  # packed vs PyTorch outputs; None: skipped
@@ -244,11 +244,12 @@ def compare_outputs(model, graphs, info, size: int = 256) -> float:
 
 def pack_checkpoint(config_path: str,
                     checkpoint_path: str,
-                    out_path: str,
+                    out_path: Optional[str],
                     weight_dtype: str = 'f32',
                     entropy: bool = False,
                     verify: bool = True) -> PackResult:
-    """Pack a DGMS checkpoint into ``out_path`` (written atomically).
+    """Pack a DGMS checkpoint into ``out_path`` (written atomically), or
+    only measure the packed sizes when ``out_path`` is None.
 
     With ``verify``, the encoded bytes are parsed back before writing, and
     the packed main graph runs against the PyTorch detector on one fixed
@@ -269,9 +270,10 @@ def pack_checkpoint(config_path: str,
     if verify:
         print_log('pack: reading the file back and comparing with PyTorch',
                   logger='current')
-        packed = read_packed(data, out_path)
+        packed = read_packed(data, out_path or 'packed data')
         max_diff = compare_outputs(model, packed.graphs, info)
-    write_atomic(out_path, data)
+    if out_path is not None:
+        write_atomic(out_path, data)
     return PackResult(out_path, len(data), reports, max_diff)
 
 
