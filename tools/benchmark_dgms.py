@@ -98,7 +98,7 @@ def run_worker(spec: dict) -> dict:
     import torch
     from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
-    from mmengine.config import Config
+    from mmengine.config import Config, ConfigDict
     from mmengine.registry import init_default_scope
     from mmengine.structures import InstanceData
 
@@ -111,8 +111,14 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(0)
     device = spec['device']
     cfg = Config.fromfile(str(REPO_ROOT / spec['config']))
-    cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
+    # The DGMS configs build their model through DGMSDetector; benchmark
+    # the full-precision detector and convert it here per variant.
+    model_cfg = cfg.model.to_dict()
+    if model_cfg['type'] == 'DGMSDetector':
+        model_cfg['type'] = model_cfg.pop('detector_type')
+        model_cfg.pop('dgms')
+    model_cfg['backbone']['init_cfg'] = None
+    model = MODELS.build(ConfigDict(model_cfg))
     model.init_weights()
 
     result = dict(spec)

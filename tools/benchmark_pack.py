@@ -22,13 +22,14 @@ import sys
 import time
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import HOOKS
 
 from mmdgms.convert import convert_model, dgms_layers
 from mmdgms.pack import load_dgms_detector, read_packed
 from mmdgms.pack.detectors import trace_detector
-from mmdgms.pack.packer import build_model, compare_outputs, describe_model
+from mmdgms.pack.packer import (build_model, compare_outputs, describe_model,
+                                 plain_model_config)
 from mmdgms.pack.writer import encode_packed
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -45,6 +46,9 @@ def random_r50(bits: int = 4):
     """Return (model, cfg) of RetinaNet-R50 at ``bits`` bits (4 by default)
     with random weights and mixtures initialised from them."""
     cfg = Config.fromfile(osp.join(REPO_ROOT, R50_CONFIG))
+    # Build the full-precision detector and convert it at the requested bit
+    # width (the config's DGMSDetector entry would convert at 4 bits).
+    cfg.model = ConfigDict(plain_model_config(cfg.model.to_dict()))
     torch.manual_seed(0)
     model = build_model(cfg)
     hook_cfg = [h for h in cfg.custom_hooks if h['type'] == 'DGMSHook'][0]
