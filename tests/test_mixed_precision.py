@@ -212,7 +212,7 @@ def test_show_bit_widths_cli(capsys):
 
 def test_show_bit_widths_rejects_config_without_hook(tmp_path):
     import show_bit_widths
-    with pytest.raises(SystemExit, match='expected one DGMSHook'):
+    with pytest.raises(SystemExit, match='has 0 DGMSHook entries'):
         show_bit_widths.main([str(TEST_CONFIGS / 'tiny_retinanet_fp.py')])
     with pytest.raises(SystemExit, match='config file not found'):
         show_bit_widths.main([str(tmp_path / 'missing.py')])

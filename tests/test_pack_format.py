@@ -385,3 +385,15 @@ def test_batch_norm_without_conv_is_rejected():
                                  torch.nn.BatchNorm2d(3)).eval()
     with pytest.raises(UnsupportedModelError, match='must directly follow'):
         trace_graph(module, ['out'])
+
+
+def test_write_atomic_uses_umask_permissions(tmp_path):
+    import os
+    path = tmp_path / 'model.dgms'
+    old = os.umask(0o022)
+    try:
+        write_atomic(str(path), b'data')
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b'data'
+    assert path.stat().st_mode & 0o777 == 0o644

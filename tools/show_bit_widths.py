@@ -38,8 +38,10 @@ def dgms_hook_of(cfg, path: str) -> DGMSHook:
         h for h in cfg.get('custom_hooks', []) if h.get('type') == 'DGMSHook'
     ]
     if len(hooks) != 1:
-        raise SystemExit(f'{path}: expected one DGMSHook in custom_hooks, '
-                         f'found {len(hooks)}')
+        raise SystemExit(
+            f'error: {path} has {len(hooks)} DGMSHook entries in '
+            'custom_hooks; a DGMS config has exactly one (see '
+            'configs/dgms/retinanet_r50_4bit.py). Pass a DGMS config')
     return HOOKS.build(hooks[0])
 
 

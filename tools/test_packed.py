@@ -89,12 +89,20 @@ def main(argv=None) -> None:
 
     work_dir = args.work_dir or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.packed))[0])
-    runner = build_test_runner(cfg, model, work_dir)
-    if args.out is not None:
-        from mmdet.evaluation import DumpDetResults
-        runner.test_evaluator.metrics.append(
-            DumpDetResults(out_file_path=args.out))
-    runner.test()
+    try:
+        runner = build_test_runner(cfg, model, work_dir)
+        if args.out is not None:
+            from mmdet.evaluation import DumpDetResults
+            runner.test_evaluator.metrics.append(
+                DumpDetResults(out_file_path=args.out))
+        runner.test()
+    except FileNotFoundError as error:
+        # Typically the config's annotation file or images.
+        raise SystemExit(
+            f'error: {error}. The test data of {args.config} is missing: '
+            'prepare it, or point the config at it with --cfg-options '
+            '(test_dataloader.dataset.data_root, test_evaluator.ann_file)'
+        ) from None
 
 
 if __name__ == '__main__':

@@ -63,9 +63,17 @@ def build_dgms_detector(detector_type: str,
     detector.register_forward_pre_hook(_check_mixtures_before_eval)
 
     num_weights = sum(layer.weight.numel() for layer in layers.values())
+    widths = sorted({layer.bits for layer in layers.values()})
+    if len(widths) > 1:
+        average = sum(layer.bits * layer.weight.numel()
+                      for layer in layers.values()) / num_weights
+        bits = (f'{average:.3f} bits per weight on average (layers at '
+                f'{", ".join(map(str, widths))} bits)')
+    else:
+        bits = f'{dgms_cfg.bits} bits'
     print_log(
         f'DGMS: built {detector_type} with {len(layers)} quantized conv '
-        f'layers ({num_weights / 1e6:.2f} M weights) at {dgms_cfg.bits} bits',
+        f'layers ({num_weights / 1e6:.2f} M weights) at {bits}',
         logger='current')
     return detector
 

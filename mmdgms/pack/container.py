@@ -196,6 +196,11 @@ def write_atomic(path: str, data: bytes) -> None:
     fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
                                     suffix='.tmp', dir=folder)
     try:
+        # mkstemp creates the file readable by its owner only; give it the
+        # permissions that open() would, under the process umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()

@@ -78,15 +78,18 @@ def plain_model_config(model_cfg: dict) -> dict:
     return plain
 
 
-def _checkpoint_hint(meta: dict) -> str:
-    text = meta.get('cfg') if isinstance(meta, dict) else None
-    if isinstance(text, str):
-        first = next((line for line in text.splitlines()
-                      if line.startswith('_base_')), None)
-        if first:
-            return (' The checkpoint records the config it was trained '
-                    f'with, which starts from: {first.strip()}')
-    return ''
+def _checkpoint_hint(checkpoint_path: str) -> str:
+    """Return a sentence naming the config the checkpoint was trained with,
+    from MMEngine's ``meta['experiment_name']``, or ''."""
+    from ..apis.checkpoint_match import read_checkpoint_summary
+    try:
+        name = read_checkpoint_summary(checkpoint_path).config_name
+    except (OSError, ValueError, RuntimeError):
+        return ''
+    if not name:
+        return ''
+    return (f' The checkpoint was trained with config {name!r} (see '
+            "checkpoint['meta']['cfg'] for its full text).")
 
 
 def load_dgms_detector(config_path: str, checkpoint_path: str):
@@ -127,8 +130,9 @@ def load_dgms_detector(config_path: str, checkpoint_path: str):
         raise PackError(
             f'{checkpoint_path} has no Gaussian-mixture parameters: it was '
             'never trained with DGMS. Fine-tune it first with a DGMS config '
-            '(tools/train.py configs/dgms/...), then pack the checkpoint '
-            'that training writes')
+            f'(tools/train.py {config_path} --cfg-options '
+            f'load_from={checkpoint_path}), then pack the checkpoint that '
+            'training writes')
     state = {k[len('module.'):] if k.startswith('module.') else k: v
              for k, v in state.items()}
     expected = model.state_dict()
@@ -139,21 +143,26 @@ def load_dgms_detector(config_path: str, checkpoint_path: str):
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or mismatched:
+    problems = [
+        f'{len(items)} {what} (e.g. {items[:3]})'
+        for items, what in ((missing, 'missing keys'),
+                            (unexpected, 'unexpected keys'),
+                            (mismatched, 'shape mismatches, checkpoint vs '
+                             'config'))
+        if items
+    ]
+    if problems:
         raise PackError(
             f'{checkpoint_path} does not match {config_path}: '
-            f'{len(missing)} missing keys (e.g. {missing[:3]}), '
-            f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}) and '
-            f'{len(mismatched)} shape mismatches, checkpoint vs config '
-            f'(e.g. {mismatched[:3]}). Pass the config the checkpoint was '
-            'trained with.' + _checkpoint_hint(meta))
+            f'{"; ".join(problems)}. Pass the config the checkpoint was '
+            'trained with.' + _checkpoint_hint(checkpoint_path))
     model.load_state_dict(state)
     for name, layer in dgms_layers(model).items():
         if not layer.mixture.initialized:
             raise PackError(
                 f'{checkpoint_path} has no trained mixture for {name} at '
                 f'{layer.bits} bits: it does not match the DGMS settings of '
-                f'{config_path}.' + _checkpoint_hint(meta))
+                f'{config_path}.' + _checkpoint_hint(checkpoint_path))
     model.eval()
     return model, cfg, meta
 
