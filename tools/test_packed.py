@@ -1,8 +1,8 @@
 """Evaluate a packed detector (COCO mAP) with the test data of a config.
 
-The detector comes from the packed file alone; the config supplies only the
-test dataloader, the evaluator and the logging settings (its model section
-and DGMSHook are ignored).
+The detector comes from the packed file alone. The config supplies only the
+test dataloader, the evaluator and the logging settings, so its model
+section and DGMSHook are ignored.
 
 Example:
     python tools/test_packed.py configs/trees/retinanet_mnv2_fpn_trees_dgms4.py \\
@@ -89,17 +89,24 @@ def main(argv=None) -> None:
 
     work_dir = args.work_dir or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.packed))[0])
+    run_test(cfg, model, work_dir, args.out, args.config)
+
+
+def run_test(cfg: Config, model, work_dir: str, out, config_path: str):
+    """Test ``model`` on the data of ``cfg``, optionally dumping the
+    detections to the .pkl file ``out``; a missing dataset file is one
+    error line instead of a traceback."""
     try:
         runner = build_test_runner(cfg, model, work_dir)
-        if args.out is not None:
+        if out is not None:
             from mmdet.evaluation import DumpDetResults
             runner.test_evaluator.metrics.append(
-                DumpDetResults(out_file_path=args.out))
+                DumpDetResults(out_file_path=out))
         runner.test()
     except FileNotFoundError as error:
         # Typically the config's annotation file or images.
         raise SystemExit(
-            f'error: {error}. The test data of {args.config} is missing: '
+            f'error: {error}. The test data of {config_path} is missing: '
             'prepare it, or point the config at it with --cfg-options '
             '(test_dataloader.dataset.data_root, test_evaluator.ann_file)'
         ) from None

@@ -17,7 +17,7 @@ from mmengine.config import Config, DictAction
 
 from mmdgms.deploy_arm import RuntimeDetector, RuntimeFailure, attach_runtime
 from mmdgms.pack import PackedFormatError, load_packed_detector
-from test_packed import _check_classes, build_test_runner
+from test_packed import _check_classes, run_test
 
 
 def parse_args(argv=None):
@@ -68,12 +68,7 @@ def main(argv=None) -> None:
 
     work_dir = args.work_dir or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.packed))[0] + '_runtime')
-    runner = build_test_runner(cfg, model, work_dir)
-    if args.out is not None:
-        from mmdet.evaluation import DumpDetResults
-        runner.test_evaluator.metrics.append(
-            DumpDetResults(out_file_path=args.out))
-    runner.test()
+    run_test(cfg, model, work_dir, args.out, args.config)
 
 
 if __name__ == '__main__':

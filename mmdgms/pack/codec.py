@@ -30,8 +30,9 @@ def packed_size(count: int, bits: int) -> int:
 def pack_bits(indices: np.ndarray, bits: int) -> bytes:
     """Pack uint8 ``indices`` (each < 2**bits) LSB-first at ``bits`` bits.
 
-    Index j occupies bits [j * bits, (j + 1) * bits) of the stream; stream
-    bit i is bit (i % 8) of byte i // 8; unused bits of the last byte are 0.
+    Index j occupies bits [j * bits, (j + 1) * bits) of the stream. Stream
+    bit i is bit (i % 8) of byte i // 8, and unused bits of the last byte
+    are 0.
     """
     flat = np.ascontiguousarray(indices, dtype=np.uint8).reshape(-1)
     if flat.size and int(flat.max()) >= 1 << bits:

@@ -47,9 +47,9 @@ class ConvParams:
 
 @dataclass
 class Node:
-    """One operator: ``op`` reads ``inputs`` (value names) and writes
-    ``output``; ``attrs`` are JSON-serialisable settings, ``params`` the
-    arrays (ConvParams for conv2d, a dict of arrays for linear)."""
+    """One operator, which reads ``inputs`` (value names) and writes
+    ``output``. ``attrs`` are JSON-serialisable settings and ``params`` the
+    arrays: ConvParams for conv2d, a dict of arrays for linear."""
     op: str
     name: str
     inputs: List[str]
@@ -97,8 +97,8 @@ def fold_batch_norm(bn: nn.BatchNorm2d,
     scale = gamma / sqrt(var + eps) is computed in float32 with rsqrt and
     bias = beta - mean * scale with a single rounding. This matches how
     torch 2.13's CPU BatchNorm forms its per-channel terms in eval mode, so
-    fma(conv(x), scale, bias) reproduces BN(conv(x)) to the bit there (a
-    test checks this); other builds may differ in the last bit.
+    fma(conv(x), scale, bias) reproduces BN(conv(x)) to the bit there, as a
+    test checks. Other builds may differ in the last bit.
     """
     if bn.running_mean is None or bn.running_var is None:
         raise UnsupportedModelError(
@@ -155,10 +155,9 @@ def _conv_attrs(module: nn.Conv2d, name: str) -> Dict[str, Any]:
 class _Lowering:
     """Lower one fx graph to packed nodes; see the module docstring."""
 
-    def __init__(self, root: nn.Module, fx_graph: fx.Graph, prefix: str):
+    def __init__(self, root: nn.Module, fx_graph: fx.Graph):
         self.root = root
         self.fx_graph = fx_graph
-        self.prefix = prefix
         self.nodes: List[Node] = []
         self.value_of: Dict[fx.Node, str] = {}
         self.producer: Dict[str, Node] = {}
@@ -170,9 +169,6 @@ class _Lowering:
         name = f'v{self.counter}'
         self.counter += 1
         return name
-
-    def _module_name(self, target: str) -> str:
-        return f'{self.prefix}.{target}' if self.prefix else target
 
     def _emit(self, fx_node: fx.Node, op: str, name: str, inputs: List[str],
               attrs=None, params=None) -> Node:
@@ -225,7 +221,7 @@ class _Lowering:
 
     def _lower_module(self, fx_node: fx.Node) -> None:
         module = self.root.get_submodule(fx_node.target)
-        name = self._module_name(fx_node.target)
+        name = fx_node.target
         if fx_node.kwargs or len(fx_node.args) != 1:
             raise UnsupportedModelError(
                 f'{name} is called with {len(fx_node.args)} arguments; the '
@@ -405,16 +401,13 @@ def _flatten_outputs(result) -> List[Any]:
     return [result]
 
 
-def trace_graph(module: nn.Module, output_names: List[str],
-                prefix: str = '') -> Graph:
+def trace_graph(module: nn.Module, output_names: List[str]) -> Graph:
     """Trace ``module`` (eval mode; one tensor input) into a Graph.
 
     Args:
         module: the part to trace; its forward returns a possibly nested
             tuple of tensors.
         output_names: one name per returned tensor, in flattened order.
-        prefix: prepended to module names so nodes carry the names of the
-            detector's own modules.
     """
     if module.training:
         raise ValueError('trace_graph needs a module in eval mode')
@@ -424,7 +417,7 @@ def trace_graph(module: nn.Module, output_names: List[str],
     except Exception as error:  # fx raises many types while tracing
         raise UnsupportedModelError(
             f'the model could not be traced for packing: {error}') from error
-    lowering = _Lowering(module, fx_graph, prefix)
+    lowering = _Lowering(module, fx_graph)
     inputs, nodes, result = lowering.lower()
     flat = _flatten_outputs(result)
     if len(flat) != len(output_names):
