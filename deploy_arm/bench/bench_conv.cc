@@ -118,6 +118,22 @@ std::vector<Layer> mobilenet_v2(int64_t size) {
   };
 }
 
+// The full-precision convs of a RetinaNet head (256 channels, 4 stacked
+// convs per branch, 9 anchors, 80 classes) on the five FPN levels of a
+// size x size input, strides 8 to 128.
+std::vector<Layer> retinanet_head(int64_t size) {
+  std::vector<Layer> layers;
+  for (int level = 3; level <= 7; ++level) {
+    const int64_t side = size >> level;
+    if (side < 1) break;
+    const std::string p = "P" + std::to_string(level) + " ";
+    layers.push_back({p + "3x3 256", 256, 256, 1, 3, 1, side, 8});
+    layers.push_back({p + "cls 3x3 256-720", 256, 720, 1, 3, 1, side, 1});
+    layers.push_back({p + "reg 3x3 256-36", 256, 36, 1, 3, 1, side, 1});
+  }
+  return layers;
+}
+
 struct Options {
   std::string net = "all";
   int64_t size = 512;
@@ -135,7 +151,7 @@ struct Options {
 [[noreturn]] void usage(const char* message) {
   std::fprintf(stderr,
                "error: %s\n"
-               "usage: dgms_runtime_bench [--net resnet50|mobilenetv2|all] "
+               "usage: dgms_runtime_bench [--net resnet50|mobilenetv2|head|all] "
                "[--size PIXELS] [--threads 1,2] [--bits 2,4]\n"
                "       [--sparsity 0.1,0.4] [--repeat N] "
                "[--isa auto|scalar|avx2|neon] [--filter TEXT]\n"
@@ -221,7 +237,7 @@ Options parse(int argc, char** argv) {
     }
   }
   if (options.net != "resnet50" && options.net != "mobilenetv2" &&
-      options.net != "all") {
+      options.net != "head" && options.net != "all") {
     usage(("unknown net " + options.net).c_str());
   }
   if (options.size < 32 || options.size % 32 != 0) {
@@ -301,6 +317,7 @@ void check_against_dense(const testing::QuantLayer& layer,
   desc.weights_size = static_cast<int64_t>(weights.size());
   desc.bias = layer.bias.data();
   desc.bias_size = static_cast<int64_t>(layer.bias.size());
+  desc.algorithm = DenseAlgorithm::kDirect;
   std::unique_ptr<DenseConv2d> dense;
   Status status = DenseConv2d::create(desc, quant.isa(), &dense);
   if (!status.ok()) die(status, "dense create");
@@ -353,9 +370,10 @@ void bench_net(const char* title, std::vector<Layer> layers,
 
   for (int threads : options.threads) {
     ThreadPool pool(threads);
-    std::printf("\nthreads %d: time in ms (speed-up over dense FP32)\n",
-                threads);
-    std::printf("%-24s %5s %8s %9s", "layer", "count", "MMAC", "fp32");
+    std::printf("\nthreads %d: time in ms (speed-up over the direct dense "
+                "FP32 kernel)\n", threads);
+    std::printf("%-24s %5s %8s %9s %16s", "layer", "count", "MMAC", "fp32",
+                "fp32 winograd");
     for (const Variant& v : variants) {
       char head[32];
       std::snprintf(head, sizeof(head), "%db@%.0f%%", v.bits, v.sparsity * 100);
@@ -364,6 +382,7 @@ void bench_net(const char* title, std::vector<Layer> layers,
     std::printf("\n");
 
     double total_dense = 0.0;
+    double total_auto = 0.0;
     std::vector<double> total_quant(variants.size(), 0.0);
     double total_macs = 0.0;
     for (const Layer& layer : layers) {
@@ -383,6 +402,7 @@ void bench_net(const char* title, std::vector<Layer> layers,
       dense_desc.geometry = g;
       dense_desc.weights = weights.data();
       dense_desc.weights_size = static_cast<int64_t>(weights.size());
+      dense_desc.algorithm = DenseAlgorithm::kDirect;
       std::unique_ptr<DenseConv2d> dense;
       status = DenseConv2d::create(dense_desc, options.isa, &dense);
       if (!status.ok()) die(status, layer.name);
@@ -392,6 +412,22 @@ void bench_net(const char* title, std::vector<Layer> layers,
       total_macs += layer.macs() * layer.count;
       std::printf("%-24s %5d %8.1f %9.3f", layer.name.c_str(), layer.count,
                   layer.macs() / 1e6, dense_ms);
+
+      // The dense layer as the runtime runs it by default: Winograd where
+      // DenseAlgorithm::kAuto picks it, else the same direct kernel.
+      dense_desc.algorithm = DenseAlgorithm::kAuto;
+      std::unique_ptr<DenseConv2d> automatic;
+      status = DenseConv2d::create(dense_desc, options.isa, &automatic);
+      if (!status.ok()) die(status, layer.name);
+      double auto_ms = dense_ms;
+      if (automatic->uses_winograd(layer.height, layer.height)) {
+        auto_ms = time_ms(*automatic, input, layer.height, &output, &pool,
+                          options.repeat, options.thread_clock);
+        std::printf(" %9.3f (%4.2fx)", auto_ms, dense_ms / auto_ms);
+      } else {
+        std::printf(" %16s", "-");
+      }
+      total_auto += auto_ms * layer.count;
 
       for (size_t v = 0; v < variants.size(); ++v) {
         const testing::QuantLayer quant_layer = testing::random_quant_layer(
@@ -409,8 +445,9 @@ void bench_net(const char* title, std::vector<Layer> layers,
       std::printf("\n");
       std::fflush(stdout);
     }
-    std::printf("%-24s %5s %8.1f %9.2f", "network total (x count)", "",
-                total_macs / 1e6, total_dense);
+    std::printf("%-24s %5s %8.1f %9.2f %9.2f (%4.2fx)",
+                "network total (x count)", "", total_macs / 1e6, total_dense,
+                total_auto, total_dense / total_auto);
     for (double total : total_quant) {
       std::printf(" %9.2f (%4.2fx)", total, total_dense / total);
     }
@@ -431,6 +468,10 @@ int main(int argc, char** argv) {
   if (options.smoke) return 0;
   if (options.net == "mobilenetv2" || options.net == "all") {
     bench_net("MobileNetV2", mobilenet_v2(options.size), options, &rng);
+  }
+  if (options.net == "head" || options.net == "all") {
+    bench_net("RetinaNet head (FP32 in the DGMS configs)",
+              retinanet_head(options.size), options, &rng);
   }
   return 0;
 }

@@ -191,6 +191,9 @@ Conv2d::Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa)
 
 Conv2d::~Conv2d() = default;
 
+void Conv2d::compute_winograd(const ConvPlan&, const float*, float*,
+                              ThreadPool*) const {}
+
 Status Conv2d::get_plan(int64_t height, int64_t width,
                         std::shared_ptr<const ConvPlan>* out) const {
   std::lock_guard<std::mutex> lock(plan_mutex_);
@@ -284,6 +287,11 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                      " elements, expected out_channels x " +
                      str(plan->out_h) + " x " + str(plan->out_w) + " = " +
                      str(expected_out));
+    }
+
+    if (plan->winograd) {
+      compute_winograd(*plan, input, output, pool);
+      return Status::Ok();
     }
 
     // Zero-padded, phase-split copy of the input (see ConvPlan). Each

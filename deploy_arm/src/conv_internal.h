@@ -27,6 +27,13 @@ struct ConvPlan {
   int64_t num_tiles = 0;
   std::vector<detail::Segment> segments;  // num_tiles * tile_segments
   std::vector<int32_t> offsets;           // kernel-specific tap offsets
+
+  // Winograd plans (DenseConv2d): the direct kernel's fields above are
+  // unused, and the input is not prepared.
+  bool winograd = false;
+  int64_t tiles_y = 0;
+  int64_t tiles_x = 0;
+  int64_t tile_blocks = 0;
 };
 
 struct ConvWeights {
@@ -57,6 +64,13 @@ struct ConvWeights {
   int64_t blocks_per_group = 0;
 
   std::vector<float> bias;  // [out_channels], zeros when absent
+  // Dense layers with a scale: [out_channels]; empty when absent.
+  std::vector<float> dense_scale;
+
+  // Dense 3x3 stride-1 layers with Winograd: the transformed filters
+  // G g G^T, [36][out_blocks][in_channels][dense_out_block].
+  std::vector<float> winograd_u;
+  int64_t winograd_out_blocks = 0;
 };
 
 // Returns the prepared-input offset of tap (c, kh, kw) of a group.

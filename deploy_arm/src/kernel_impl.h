@@ -120,6 +120,52 @@ void quant_tile(const QuantKernelArgs& args, int64_t tile, int64_t o_begin,
   }
 }
 
+// The inputs of one tile for the dense-style kernels: either read in
+// place from the prepared input (tap t at base[s] + offsets[t]) or from a
+// panel with the tile's inputs under every tap packed contiguously (tap t
+// at panel + t * kTile * kLanes + s * kLanes). Packing pays for 1x1
+// layers: read in place, their taps are one channel plane apart each, and
+// big planes make those loads miss the TLB and the prefetchers. The
+// packed values are the same floats, so results do not change.
+template <class Ops, int kTile>
+struct TileInputs {
+  const float* base[kTile] = {};
+  const int32_t* offsets = nullptr;  // null when packed
+
+  // Points at the tile's inputs of conv group `group`; packs them into
+  // panel_storage when `pack` is set.
+  void prepare(const float* input, int64_t group_input_stride,
+               const int32_t* tap_offsets, int64_t taps,
+               const Segment* segments, int64_t group, bool pack,
+               std::vector<float>* panel_storage) {
+    const float* group_input = input + group * group_input_stride;
+    for (int s = 0; s < kTile; ++s) {
+      base[s] = group_input + segments[s].input_offset;
+    }
+    offsets = tap_offsets;
+    if (!pack) return;
+    constexpr int64_t kWidth = kTile * Ops::kLanes;
+    if (static_cast<int64_t>(panel_storage->size()) < taps * kWidth) {
+      panel_storage->resize(taps * kWidth);
+    }
+    float* panel = panel_storage->data();
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int s = 0; s < kTile; ++s) {
+        Ops::store(panel + t * kWidth + s * Ops::kLanes,
+                   Ops::load(base[s] + tap_offsets[t]), Ops::kLanes);
+      }
+    }
+    for (int s = 0; s < kTile; ++s) base[s] = panel + s * Ops::kLanes;
+    offsets = nullptr;
+  }
+
+  void load(int64_t t, typename Ops::Vec x[kTile]) const {
+    const int64_t d = offsets != nullptr ? offsets[t]
+                                         : t * kTile * Ops::kLanes;
+    for (int s = 0; s < kTile; ++s) x[s] = Ops::load(base[s] + d);
+  }
+};
+
 // Computes kTile segments of one tile for kOutBlock output channels per
 // block, blocks [block_begin, block_end): each input vector is loaded once
 // and multiplied into kOutBlock accumulators.
@@ -128,14 +174,18 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
                 int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
+  thread_local std::vector<float> panel;
+  const bool pack = args.pack_inputs && block_end - block_begin > 1;
+  TileInputs<Ops, kTile> inputs;
+  int64_t prepared_group = -1;
 
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t group = block / args.blocks_per_group;
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
-    const float* group_input = args.input + group * args.group_input_stride;
-    const float* base[kTile];
-    for (int s = 0; s < kTile; ++s) {
-      base[s] = group_input + segments[s].input_offset;
+    if (group != prepared_group) {
+      inputs.prepare(args.input, args.group_input_stride, args.offsets,
+                     args.taps, segments, group, pack, &panel);
+      prepared_group = group;
     }
 
     Vec acc[kOutBlock][kTile];
@@ -145,9 +195,8 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
 
     const float* weights = args.weights + block * args.taps * kOutBlock;
     for (int64_t t = 0; t < args.taps; ++t) {
-      const int32_t d = args.offsets[t];
       Vec x[kTile];
-      for (int s = 0; s < kTile; ++s) x[s] = Ops::load(base[s] + d);
+      inputs.load(t, x);
       for (int j = 0; j < kOutBlock; ++j) {
         const Vec w = Ops::set1(weights[t * kOutBlock + j]);
         for (int s = 0; s < kTile; ++s) {
@@ -161,6 +210,15 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
       const int64_t o = group * args.out_per_group + first_local + j;
       const Vec bias = Ops::set1(args.bias[o]);
       float* out_plane = args.output + o * args.out_plane;
+      if (args.scale != nullptr) {
+        const Vec scale = Ops::set1(args.scale[o]);
+        for (int s = 0; s < kTile; ++s) {
+          const Vec y = Ops::fused(acc[j][s], scale, bias);
+          Ops::store(out_plane + segments[s].output_offset,
+                     activate<Ops>(y, args.activation), segments[s].lanes);
+        }
+        continue;
+      }
       for (int s = 0; s < kTile; ++s) {
         const Vec y = Ops::add(acc[j][s], bias);
         Ops::store(out_plane + segments[s].output_offset,
@@ -178,14 +236,18 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
                  int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
+  thread_local std::vector<float> panel;
+  const bool pack = args.pack_inputs && block_end - block_begin > 1;
+  TileInputs<Ops, kTile> inputs;
+  int64_t prepared_group = -1;
 
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t group = block / args.blocks_per_group;
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
-    const float* group_input = args.input + group * args.group_input_stride;
-    const float* base[kTile];
-    for (int s = 0; s < kTile; ++s) {
-      base[s] = group_input + segments[s].input_offset;
+    if (group != prepared_group) {
+      inputs.prepare(args.input, args.group_input_stride, args.offsets,
+                     args.taps, segments, group, pack, &panel);
+      prepared_group = group;
     }
 
     Vec acc[kOutBlock][kTile];
@@ -195,9 +257,8 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
 
     const uint8_t* indices = args.indices + block * args.taps * kOutBlock;
     for (int64_t t = 0; t < args.taps; ++t) {
-      const int32_t d = args.offsets[t];
       Vec x[kTile];
-      for (int s = 0; s < kTile; ++s) x[s] = Ops::load(base[s] + d);
+      inputs.load(t, x);
       for (int j = 0; j < kOutBlock; ++j) {
         const Vec w = Ops::set1(args.codebook[indices[t * kOutBlock + j]]);
         for (int s = 0; s < kTile; ++s) {

@@ -1,7 +1,9 @@
 // Internal interface between the layer classes and the per-ISA kernels.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "dgms_rt/conv.h"
 
@@ -50,11 +52,13 @@ struct DenseKernelArgs {
   const int32_t* offsets;        // [taps] offsets, shared by all channels
   int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
   const float* weights;          // [groups][blocks][taps][out_block]
+  const float* scale;            // [out_channels] or null (no scale)
   const float* bias;             // [out_channels]
   int64_t group_input_stride;
   int64_t out_per_group;
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
+  bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
 };
 
 struct LookupKernelArgs {
@@ -72,7 +76,37 @@ struct LookupKernelArgs {
   int64_t out_per_group;
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
+  bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
 };
+
+// Winograd F(4x4, 3x3) for 3x3 stride-1 convs without groups or dilation
+// (see winograd_impl.h and DenseConv2d).
+struct WinogradArgs {
+  const float* input;       // NCHW input, [in_channels][height][width]
+  int64_t height;
+  int64_t width;
+  int64_t pad_h;
+  int64_t pad_w;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t out_h;
+  int64_t out_w;
+  int64_t tiles_y;          // ceil(out_h / 4)
+  int64_t tiles_x;          // ceil(out_w / 4)
+  int64_t phase_w;          // tiles_x + lanes
+  int64_t block_tiles;      // dense_tile_segments * lanes
+  float* v;                 // [blocks][36][in_channels][block_tiles]
+  const float* u;           // [36][out_blocks][in_channels][dense_out_block]
+  int64_t out_blocks;       // ceil(out_channels / dense_out_block)
+  const float* scale;       // [out_channels] or null (no scale)
+  const float* bias;        // [out_channels]
+  float* output;            // NCHW output
+  Activation activation;
+};
+
+// Output-channel blocks and tile blocks per Winograd work item.
+constexpr int64_t kWinogradChunk = 16;
+constexpr int64_t kWinogradBlockGroup = 4;
 
 // Kernels of one instruction set and the blocking they expect.
 struct KernelTable {
@@ -101,6 +135,16 @@ struct KernelTable {
                  int64_t block_begin, int64_t block_end);
   void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
                         int64_t block_begin, int64_t block_end);
+  // Winograd: transforms input channel c into args.v; scratch holds
+  // (4 * tiles_y + 2) * 4 * phase_w floats.
+  void (*winograd_input)(const WinogradArgs& args, int64_t c, float* scratch);
+  // Winograd: products and output transform of the tile blocks
+  // [block_begin, block_end) for the output-channel blocks
+  // [ob_begin, ob_end); scratch holds 36 * (block_end - block_begin) *
+  // (ob_end - ob_begin) * dense_out_block * block_tiles floats.
+  void (*winograd_block)(const WinogradArgs& args, int64_t block_begin,
+                         int64_t block_end, int64_t ob_begin, int64_t ob_end,
+                         float* scratch);
 };
 
 const KernelTable& scalar_kernels();

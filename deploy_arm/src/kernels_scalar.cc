@@ -14,6 +14,7 @@ struct Ops {
   static Vec set1(float v) { return v; }
   static Vec load(const float* p) { return *p; }
   static Vec add(Vec a, Vec b) { return a + b; }
+  static Vec sub(Vec a, Vec b) { return a - b; }
   static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
   static Vec fused(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
@@ -26,6 +27,7 @@ struct Ops {
 };
 
 #include "kernel_impl.h"
+#include "winograd_impl.h"
 
 constexpr int kQuantTile = 4;
 constexpr int kDenseTile = 2;
@@ -47,6 +49,8 @@ const KernelTable& scalar_kernels() {
       &dense_tile<Ops, kDenseSingleTile, 1>,
       &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
       &lookup_tile<Ops, kDenseSingleTile, 1>,
+      &winograd_input<Ops>,
+      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
   };
   return table;
 }

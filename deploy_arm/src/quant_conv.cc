@@ -307,6 +307,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
     args.out_per_group = g.out_channels / g.groups;
     args.blocks_per_group = w.blocks_per_group;
     args.activation = activation_;
+    args.pack_inputs = g.kernel_h * g.kernel_w == 1;
 
     const auto kernel =
         w.out_block == 1 ? kernels.lookup_single : kernels.lookup;

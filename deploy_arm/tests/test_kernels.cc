@@ -95,6 +95,12 @@ const Shape kShapes[] = {
 };
 
 const int kBits[] = {1, 2, 3, 4, 8};
+
+// Winograd's transforms scale intermediate values up (by up to 10 x 10 in
+// the input transform and 19 x 19 in the output transform). So its
+// worst-case rounding error is larger than the direct kernels' bound, and
+// the test allows this factor times that bound.
+constexpr double kWinogradErrorFactor = 4.0;
 const int kThreads[] = {1, 3};
 
 std::vector<Isa> simd_isas() {
@@ -257,11 +263,16 @@ void test_dense_kernels(std::mt19937* rng) {
     const std::vector<float> bias =
         with_bias ? testing::random_floats(g.out_channels, -0.5f, 0.5f, rng)
                   : std::vector<float>();
+    // Every third layer has a scale (a folded BatchNorm).
+    const std::vector<float> scale =
+        case_index % 3 == 1
+            ? testing::random_floats(g.out_channels, 0.25f, 2.0f, rng)
+            : std::vector<float>();
     const std::vector<float> input = testing::random_floats(
         g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
     std::vector<double> expected;
     std::vector<double> magnitude;
-    testing::naive_conv(g, shape.height, shape.width, input, weights, {},
+    testing::naive_conv(g, shape.height, shape.width, input, weights, scale,
                         bias, activation, &expected, &magnitude);
 
     DenseConvDesc desc;
@@ -270,7 +281,10 @@ void test_dense_kernels(std::mt19937* rng) {
     desc.weights_size = static_cast<int64_t>(weights.size());
     desc.bias = with_bias ? bias.data() : nullptr;
     desc.bias_size = static_cast<int64_t>(bias.size());
+    desc.scale = scale.empty() ? nullptr : scale.data();
+    desc.scale_size = static_cast<int64_t>(scale.size());
     desc.activation = activation;
+    desc.algorithm = DenseAlgorithm::kDirect;
 
     for (Isa isa : isas) {
       std::unique_ptr<DenseConv2d> conv;
@@ -286,6 +300,150 @@ void test_dense_kernels(std::mt19937* rng) {
       }
     }
   }
+}
+
+// Winograd F(4x4, 3x3) layers: the scalar kernel against the naive double
+// conv within kWinogradErrorFactor times the direct kernels' bound, every
+// SIMD path and thread count bit-identical to the scalar kernel, and the
+// automatic choice. The outputs cover whole and partial 4x4 tiles, tile
+// rows narrower and wider than a vector, and channel counts that leave
+// partial output-channel blocks.
+void test_winograd(std::mt19937* rng) {
+  const struct {
+    const char* name;
+    int64_t in_channels, out_channels, pad, height, width;
+  } cases[] = {
+      {"wino_pad1", 5, 7, 1, 11, 13},
+      {"wino_no_pad", 9, 6, 0, 10, 38},
+      {"wino_pad2", 8, 9, 2, 7, 5},
+      {"wino_one_pixel", 3, 4, 1, 1, 1},
+      {"wino_tall", 2, 3, 1, 40, 2},
+      {"wino_wide", 40, 70, 1, 17, 45},
+      {"wino_square64", 16, 16, 1, 64, 64},
+      {"wino_many_blocks", 64, 33, 1, 23, 97},
+  };
+  std::vector<Isa> isas = simd_isas();
+  isas.insert(isas.begin(), Isa::kScalar);
+  double worst = 0.0;
+  for (const auto& c : cases) {
+    ConvGeometry g;
+    g.in_channels = c.in_channels;
+    g.out_channels = c.out_channels;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_h = g.pad_w = c.pad;
+    const int64_t taps = g.in_channels * 9;
+    for (int variant = 0; variant < 3; ++variant) {
+      const Activation activation = static_cast<Activation>(variant);
+      const std::vector<float> weights =
+          testing::random_floats(testing::weight_count(g), -1.0f, 1.0f, rng);
+      const std::vector<float> bias =
+          testing::random_floats(g.out_channels, -0.5f, 0.5f, rng);
+      // The ReLU variant also has a scale (a folded BatchNorm).
+      const std::vector<float> scale =
+          variant == 1
+              ? testing::random_floats(g.out_channels, 0.25f, 2.0f, rng)
+              : std::vector<float>();
+      const std::vector<float> input = testing::random_floats(
+          g.in_channels * c.height * c.width, -2.0f, 2.0f, rng);
+      std::vector<double> expected;
+      std::vector<double> magnitude;
+      testing::naive_conv(g, c.height, c.width, input, weights, scale, bias,
+                          activation, &expected, &magnitude);
+
+      DenseConvDesc desc;
+      desc.geometry = g;
+      desc.weights = weights.data();
+      desc.weights_size = static_cast<int64_t>(weights.size());
+      desc.bias = bias.data();
+      desc.bias_size = static_cast<int64_t>(bias.size());
+      desc.scale = scale.empty() ? nullptr : scale.data();
+      desc.scale_size = static_cast<int64_t>(scale.size());
+      desc.activation = activation;
+      desc.algorithm = DenseAlgorithm::kWinograd;
+      const std::string context =
+          std::string(c.name) + " act=" + std::to_string(variant);
+
+      std::unique_ptr<DenseConv2d> scalar;
+      Status status = DenseConv2d::create(desc, Isa::kScalar, &scalar);
+      check(status.ok(), context + ": create failed: " + status.message());
+      if (!status.ok()) continue;
+      check(scalar->uses_winograd(c.height, c.width),
+            context + ": kWinograd layer does not use Winograd");
+      const std::vector<float> reference =
+          run_conv(*scalar, input, c.height, c.width, 1, context);
+      const double bound = (taps + 8) * static_cast<double>(FLT_EPSILON);
+      int64_t bad = -1;
+      for (size_t i = 0; i < reference.size(); ++i) {
+        const double ratio =
+            std::fabs(reference[i] - expected[i]) / (bound * magnitude[i]);
+        if (!(ratio <= kWinogradErrorFactor)) {
+          bad = static_cast<int64_t>(i);
+          break;
+        }
+        worst = std::max(worst, ratio);
+      }
+      check(bad < 0,
+            context + " scalar vs naive: element " + std::to_string(bad) +
+                " is " + (bad < 0 ? "" : format(reference[bad])) +
+                ", expected " + (bad < 0 ? "" : format(expected[bad])));
+
+      for (Isa isa : isas) {
+        std::unique_ptr<DenseConv2d> conv;
+        status = DenseConv2d::create(desc, isa, &conv);
+        check(status.ok(), context + ": create failed: " + status.message());
+        if (!status.ok()) continue;
+        for (int threads : kThreads) {
+          const std::string run_context = context + " isa=" + isa_name(isa) +
+                                          " threads=" +
+                                          std::to_string(threads);
+          check_identical(
+              run_conv(*conv, input, c.height, c.width, threads, run_context),
+              reference, run_context + " vs scalar");
+        }
+      }
+    }
+  }
+  std::printf("winograd: largest error %.3g x the direct kernels' bound "
+              "(limit %.0f)\n", worst, kWinogradErrorFactor);
+
+  // The automatic choice: Winograd for 3x3 stride-1 layers on outputs whose
+  // tile rows fill the vectors, direct for other geometries.
+  ConvGeometry g;
+  g.in_channels = g.out_channels = 16;
+  g.kernel_h = g.kernel_w = 3;
+  g.pad_h = g.pad_w = 1;
+  const std::vector<float> weights =
+      testing::random_floats(testing::weight_count(g), -1.0f, 1.0f, rng);
+  DenseConvDesc desc;
+  desc.geometry = g;
+  desc.weights = weights.data();
+  desc.weights_size = static_cast<int64_t>(weights.size());
+  std::unique_ptr<DenseConv2d> conv;
+  check(DenseConv2d::create(desc, Isa::kAuto, &conv).ok(),
+        "winograd auto: create failed");
+  check(conv->algorithm() == DenseAlgorithm::kAuto &&
+            conv->uses_winograd(64, 64) && !conv->uses_winograd(1, 1),
+        "winograd auto: expected Winograd on 64x64 and direct on 1x1");
+  desc.algorithm = DenseAlgorithm::kDirect;
+  check(DenseConv2d::create(desc, Isa::kAuto, &conv).ok() &&
+            !conv->uses_winograd(64, 64),
+        "winograd: algorithm direct uses Winograd");
+  g.stride_h = g.stride_w = 2;
+  desc.geometry = g;
+  desc.algorithm = DenseAlgorithm::kAuto;
+  check(DenseConv2d::create(desc, Isa::kAuto, &conv).ok() &&
+            conv->algorithm() == DenseAlgorithm::kDirect,
+        "winograd auto: a strided layer does not resolve to direct");
+  desc.algorithm = DenseAlgorithm::kWinograd;
+  Status status = DenseConv2d::create(desc, Isa::kAuto, &conv);
+  check(status.code() == StatusCode::kInvalidArgument &&
+            status.message().find("stride 2x2") != std::string::npos,
+        "winograd on a strided layer: expected kInvalidArgument naming the "
+        "stride, got " + status.message());
+  desc.algorithm = static_cast<DenseAlgorithm>(7);
+  check(DenseConv2d::create(desc, Isa::kAuto, &conv).code() ==
+            StatusCode::kInvalidArgument,
+        "dense: algorithm 7 accepted");
 }
 
 // A layer run on alternating input shapes must match a fresh layer's
@@ -547,6 +705,16 @@ void test_malformed_dense() {
   d.geometry.groups = 2;
   expect_invalid(DenseConv2d::create(d, Isa::kAuto, &conv),
                  "dense, groups not dividing");
+  std::vector<float> scale = {1.0f, std::numeric_limits<float>::infinity()};
+  d = good;
+  d.scale = scale.data();
+  d.scale_size = 1;
+  expect_invalid(DenseConv2d::create(d, Isa::kAuto, &conv), "dense, short scale");
+  d.scale_size = 2;
+  expect_invalid(DenseConv2d::create(d, Isa::kAuto, &conv), "dense, inf scale");
+  d.scale = nullptr;
+  expect_invalid(DenseConv2d::create(d, Isa::kAuto, &conv),
+                 "dense, null scale with a nonzero size");
 }
 
 void test_c_api() {
@@ -804,6 +972,7 @@ int main() {
   test_unpack_indices(&rng);
   test_quant_kernels(&rng);
   test_dense_kernels(&rng);
+  test_winograd(&rng);
   test_shape_change(&rng);
   test_malformed_quant(&rng);
   test_kernel_choice(&rng);

@@ -113,16 +113,27 @@ struct QuantConvDesc {
   Activation activation = Activation::kNone;
 };
 
-// A dense FP32 conv layer: y[o] = act(sum(weight * x) + bias[o]).
-// weights holds out_channels * (in_channels / groups) * kernel_h * kernel_w
-// floats in OIHW order. bias may be null (then bias_size must be 0).
+// Algorithm of a dense layer's 3x3 stride-1 convs (see DenseConv2d).
+enum class DenseAlgorithm { kAuto = 0, kDirect = 1, kWinograd = 2 };
+
+const char* dense_algorithm_name(DenseAlgorithm algorithm);
+
+// A dense FP32 conv layer: y[o] = act(sum(weight * x) + bias[o]), or with
+// a scale y[o] = act(fma(sum(weight * x), scale[o], bias[o])), the fused
+// multiply-add rounded once (a folded BatchNorm that was not merged into
+// the weights). weights holds out_channels * (in_channels / groups) *
+// kernel_h * kernel_w floats in OIHW order. bias and scale may be null
+// (then their size must be 0).
 struct DenseConvDesc {
   ConvGeometry geometry;
   const float* weights = nullptr;
   int64_t weights_size = 0;
   const float* bias = nullptr;
   int64_t bias_size = 0;
+  const float* scale = nullptr;
+  int64_t scale_size = 0;
   Activation activation = Activation::kNone;
+  DenseAlgorithm algorithm = DenseAlgorithm::kAuto;
 };
 
 // Checks a geometry against ConvLimits and the divisibility rules.
@@ -172,6 +183,10 @@ class Conv2d {
   // Runs the kernel over the prepared input.
   virtual void compute(const ConvPlan& plan, const float* prepared,
                        float* output, ThreadPool* pool) const = 0;
+  // Runs a plan marked `winograd` on the unprepared input; only layers
+  // whose fill_plan() marks plans so override it.
+  virtual void compute_winograd(const ConvPlan& plan, const float* input,
+                                float* output, ThreadPool* pool) const;
 
   Status get_plan(int64_t height, int64_t width,
                   std::shared_ptr<const ConvPlan>* plan) const;
@@ -220,20 +235,37 @@ class QuantConv2d : public Conv2d {
 };
 
 // Dense FP32 conv: the full-precision layers and the speed baseline.
+//
+// 3x3 stride-1 layers without groups or dilation can run with Winograd
+// F(4x4, 3x3), which needs 36 instead of 144 multiply-adds per 16 outputs
+// and input channel, at the cost of 4x the weight memory (the transformed
+// filters) and a larger rounding error (see docs/deploy_arm.md).
+// DenseAlgorithm::kAuto uses it for such layers on input shapes where the
+// tiles fill the vectors well (most lanes of a tile row used) and at least
+// one tile block, and the direct kernel elsewhere; kWinograd uses it for
+// every shape and is rejected for other geometries; kDirect never uses it.
 class DenseConv2d : public Conv2d {
  public:
   static Status create(const DenseConvDesc& desc, Isa isa,
                        std::unique_ptr<DenseConv2d>* out);
   ~DenseConv2d() override;
 
+  DenseAlgorithm algorithm() const { return algorithm_; }
+  // Whether a run on this input shape uses Winograd.
+  bool uses_winograd(int64_t height, int64_t width) const;
+
  protected:
   Status fill_plan(ConvPlan* plan) const override;
   void compute(const ConvPlan& plan, const float* prepared, float* output,
                ThreadPool* pool) const override;
+  void compute_winograd(const ConvPlan& plan, const float* input,
+                        float* output, ThreadPool* pool) const override;
 
  private:
-  DenseConv2d(const ConvGeometry& geometry, Activation activation, Isa isa);
+  DenseConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
+              DenseAlgorithm algorithm);
 
+  DenseAlgorithm algorithm_;
   std::unique_ptr<ConvWeights> weights_;
 };
 

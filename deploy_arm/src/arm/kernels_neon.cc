@@ -15,6 +15,7 @@ struct Ops {
   static Vec set1(float v) { return vdupq_n_f32(v); }
   static Vec load(const float* p) { return vld1q_f32(p); }
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
+  static Vec sub(Vec a, Vec b) { return vsubq_f32(a, b); }
   static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
   static Vec fused(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
@@ -32,6 +33,7 @@ struct Ops {
 };
 
 #include "../kernel_impl.h"
+#include "../winograd_impl.h"
 
 // 8 segments (32 pixels) x 2 partial sums = 16 add chains plus 8 output
 // accumulators: 24 of the 32 vector registers.
@@ -56,6 +58,8 @@ const KernelTable& neon_kernels() {
       &dense_tile<Ops, kDenseSingleTile, 1>,
       &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
       &lookup_tile<Ops, kDenseSingleTile, 1>,
+      &winograd_input<Ops>,
+      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
   };
   return table;
 }

@@ -15,6 +15,7 @@ struct Ops {
   static Vec set1(float v) { return _mm256_set1_ps(v); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec fused(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -32,6 +33,7 @@ struct Ops {
 };
 
 #include "../kernel_impl.h"
+#include "../winograd_impl.h"
 
 // 4 segments x 2 partial sums give 8 independent add chains, enough to
 // cover the add latency (4 cycles at 2 per cycle on recent cores).
@@ -57,6 +59,8 @@ const KernelTable& avx2_kernels() {
       &dense_tile<Ops, kDenseSingleTile, 1>,
       &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
       &lookup_tile<Ops, kDenseSingleTile, 1>,
+      &winograd_input<Ops>,
+      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
   };
   return table;
 }
