@@ -125,6 +125,76 @@ Status check_float_array(const char* name, const float* data, int64_t size,
   return Status::Ok();
 }
 
+void prepare_input(const ConvGeometry& g, const ConvPlan& p,
+                   const float* input, int64_t channels, float* buffer) {
+  const int64_t height = p.height;
+  const int64_t width = p.width;
+  for (int64_t c = 0; c < channels; ++c) {
+    float* dst = buffer + c * p.plane;
+    const float* src = input + c * height * width;
+
+    // Zero only what the input does not cover: the padding rows above
+    // and below, the slack after the last row, and per input row its
+    // padding columns (all of the row when it is phase-split).
+    const int64_t data_begin = g.pad_h * p.row_stride;
+    const int64_t data_end = (g.pad_h + height) * p.row_stride;
+    std::memset(dst, 0, sizeof(float) * data_begin);
+    std::memset(dst + data_end, 0, sizeof(float) * (p.plane - data_end));
+
+    for (int64_t y = 0; y < height; ++y) {
+      float* row = dst + (y + g.pad_h) * p.row_stride;
+      const float* src_row = src + y * width;
+      if (g.stride_w == 1) {
+        std::memset(row, 0, sizeof(float) * g.pad_w);
+        std::memcpy(row + g.pad_w, src_row, sizeof(float) * width);
+        std::memset(row + g.pad_w + width, 0,
+                    sizeof(float) * (p.row_stride - g.pad_w - width));
+        continue;
+      }
+      // Phase q contains the padded columns q, q + stride_w, ..., which
+      // are the input columns x = q - pad_w + j * stride_w with x >= 0.
+      std::memset(row, 0, sizeof(float) * p.row_stride);
+      for (int64_t q = 0; q < g.stride_w; ++q) {
+        const int64_t first =
+            ((q - g.pad_w) % g.stride_w + g.stride_w) % g.stride_w;
+        float* phase = row + q * p.phase_w + (first + g.pad_w) / g.stride_w;
+        const float* src_first = src_row + first;
+        const int64_t count =
+            first < width ? (width - first + g.stride_w - 1) / g.stride_w
+                          : 0;
+        if (g.stride_w == 2) {
+          // The common stride, with a constant step the compiler
+          // vectorises.
+          for (int64_t j = 0; j < count; ++j) phase[j] = src_first[2 * j];
+        } else {
+          for (int64_t j = 0; j < count; ++j) {
+            phase[j] = src_first[j * g.stride_w];
+          }
+        }
+      }
+    }
+  }
+}
+
+void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
+                   const float* input, ThreadPool* pool,
+                   const std::function<void(const float*, int64_t, int64_t)>&
+                       kernel) {
+  const int64_t channels = g.in_channels / g.groups;
+  const int64_t group_size = channels * plan.height * plan.width;
+  run_parallel(pool, g.groups, [&](int64_t group) {
+    thread_local std::vector<float> prepared;
+    if (static_cast<int64_t>(prepared.size()) < channels * plan.plane) {
+      prepared.resize(channels * plan.plane);
+    }
+    prepare_input(g, plan, input + group * group_size, channels,
+                  prepared.data());
+    for (int64_t tile = 0; tile < plan.num_tiles; ++tile) {
+      kernel(prepared.data(), group, tile);
+    }
+  });
+}
+
 int64_t tap_offset(const ConvGeometry& g, const ConvPlan& plan, int64_t c,
                    int64_t kh, int64_t kw) {
   const int64_t column = kw * g.dilation_w;
@@ -191,8 +261,8 @@ Conv2d::Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa)
 
 Conv2d::~Conv2d() = default;
 
-void Conv2d::compute_winograd(const ConvPlan&, const float*, float*,
-                              ThreadPool*) const {}
+void Conv2d::compute_raw(const ConvPlan&, const float*, float*,
+                         ThreadPool*) const {}
 
 Status Conv2d::get_plan(int64_t height, int64_t width,
                         std::shared_ptr<const ConvPlan>* out) const {
@@ -289,8 +359,8 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                      str(expected_out));
     }
 
-    if (plan->winograd) {
-      compute_winograd(*plan, input, output, pool);
+    if (plan->raw_input) {
+      compute_raw(*plan, input, output, pool);
       return Status::Ok();
     }
 
@@ -314,39 +384,8 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
     float* const buffer = prepared.get();
     const ConvPlan& p = *plan;
     run_parallel(pool, g.in_channels, [&](int64_t c) {
-      float* dst = buffer + c * p.plane;
-      const float* src = input + c * height * width;
-
-      // Zero only what the input does not cover: the padding rows above
-      // and below, the slack after the last row, and per input row its
-      // padding columns (all of the row when it is phase-split).
-      const int64_t data_begin = g.pad_h * p.row_stride;
-      const int64_t data_end = (g.pad_h + height) * p.row_stride;
-      std::memset(dst, 0, sizeof(float) * data_begin);
-      std::memset(dst + data_end, 0, sizeof(float) * (p.plane - data_end));
-
-      for (int64_t y = 0; y < height; ++y) {
-        float* row = dst + (y + g.pad_h) * p.row_stride;
-        const float* src_row = src + y * width;
-        if (g.stride_w == 1) {
-          std::memset(row, 0, sizeof(float) * g.pad_w);
-          std::memcpy(row + g.pad_w, src_row, sizeof(float) * width);
-          std::memset(row + g.pad_w + width, 0,
-                      sizeof(float) * (p.row_stride - g.pad_w - width));
-          continue;
-        }
-        // Phase q contains the padded columns q, q + stride_w, ..., which
-        // are the input columns x = q - pad_w + j * stride_w with x >= 0.
-        std::memset(row, 0, sizeof(float) * p.row_stride);
-        for (int64_t q = 0; q < g.stride_w; ++q) {
-          const int64_t first =
-              ((q - g.pad_w) % g.stride_w + g.stride_w) % g.stride_w;
-          float* phase = row + q * p.phase_w + (first + g.pad_w) / g.stride_w;
-          for (int64_t x = first; x < width; x += g.stride_w) {
-            *phase++ = src_row[x];
-          }
-        }
-      }
+      prepare_input(g, p, input + c * height * width, 1,
+                    buffer + c * p.plane);
     });
 
     compute(p, buffer, output, pool);

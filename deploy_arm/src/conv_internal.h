@@ -28,8 +28,10 @@ struct ConvPlan {
   std::vector<detail::Segment> segments;  // num_tiles * tile_segments
   std::vector<int32_t> offsets;           // kernel-specific tap offsets
 
-  // Winograd plans (DenseConv2d): the direct kernel's fields above are
-  // unused, and the input is not prepared.
+  // The layer prepares its input itself (see Conv2d::compute_raw): one
+  // conv group at a time (depthwise layers), or Winograd, which uses none
+  // of the fields above.
+  bool raw_input = false;
   bool winograd = false;
   int64_t tiles_y = 0;
   int64_t tiles_x = 0;
@@ -72,6 +74,21 @@ struct ConvWeights {
   std::vector<float> winograd_u;
   int64_t winograd_out_blocks = 0;
 };
+
+// Copies `channels` input planes of height x width into the prepared
+// layout of `plan` (zero padding, phase split) at dst.
+void prepare_input(const ConvGeometry& g, const ConvPlan& plan,
+                   const float* src, int64_t channels, float* dst);
+
+// Runs a layer with fewer output channels per group than a dense block
+// (depthwise) one conv group per work item. Each item prepares the group's
+// input into a per-thread buffer and runs all its tiles while that buffer
+// is in cache, instead of preparing the whole input first.
+// kernel(prepared_group_input, group, tile) computes one tile of a group.
+void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
+                   const float* input, ThreadPool* pool,
+                   const std::function<void(const float*, int64_t, int64_t)>&
+                       kernel);
 
 // Returns the prepared-input offset of tap (c, kh, kw) of a group.
 int64_t tap_offset(const ConvGeometry& g, const ConvPlan& plan, int64_t c,

@@ -211,6 +211,7 @@ Status DenseConv2d::fill_plan(ConvPlan* plan) const {
   if (uses_winograd(plan->height, plan->width)) {
     const detail::KernelTable& kernels = detail::kernels_for(isa_);
     const int64_t block_tiles = kernels.dense_tile_segments * lanes_;
+    plan->raw_input = true;
     plan->winograd = true;
     plan->tiles_y = (plan->out_h + 3) / 4;
     plan->tiles_x = (plan->out_w + 3) / 4;
@@ -230,7 +231,52 @@ Status DenseConv2d::fill_plan(ConvPlan* plan) const {
     return Status::Ok();
   }
   local_tap_offsets(geometry_, *plan, &plan->offsets);
+  // Layers with one-channel blocks (depthwise) prepare one group at a
+  // time, see run_per_group().
+  plan->raw_input = weights_->out_block == 1;
   return Status::Ok();
+}
+
+detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
+                                                const float* prepared,
+                                                float* output) const {
+  const ConvGeometry& g = geometry_;
+  const ConvWeights& w = *weights_;
+  detail::DenseKernelArgs args;
+  args.input = prepared;
+  args.output = output;
+  args.out_plane = plan.out_h * plan.out_w;
+  args.segments = plan.segments.data();
+  args.offsets = plan.offsets.data();
+  args.taps = static_cast<int64_t>(plan.offsets.size());
+  args.weights = w.packed.data();
+  args.scale = w.dense_scale.empty() ? nullptr : w.dense_scale.data();
+  args.bias = w.bias.data();
+  args.group_input_stride = (g.in_channels / g.groups) * plan.plane;
+  args.out_per_group = g.out_channels / g.groups;
+  args.blocks_per_group = w.blocks_per_group;
+  args.activation = activation_;
+  args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  return args;
+}
+
+void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
+                              float* output, ThreadPool* pool) const {
+  if (plan.winograd) {
+    compute_winograd(plan, input, output, pool);
+    return;
+  }
+  const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  const detail::DenseKernelArgs shared = dense_args(plan, nullptr, output);
+  const int64_t blocks = weights_->blocks_per_group;
+  run_per_group(geometry_, plan, input, pool,
+                [&](const float* prepared, int64_t group, int64_t tile) {
+                  detail::DenseKernelArgs args = shared;
+                  args.input = prepared;
+                  args.group_input_stride = 0;
+                  kernels.dense_single(args, tile, group * blocks,
+                                       (group + 1) * blocks);
+                });
 }
 
 void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
@@ -326,22 +372,7 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
-
-  detail::DenseKernelArgs args;
-  args.input = prepared;
-  args.output = output;
-  args.out_plane = plan.out_h * plan.out_w;
-  args.segments = plan.segments.data();
-  args.offsets = plan.offsets.data();
-  args.taps = static_cast<int64_t>(plan.offsets.size());
-  args.weights = w.packed.data();
-  args.scale = w.dense_scale.empty() ? nullptr : w.dense_scale.data();
-  args.bias = w.bias.data();
-  args.group_input_stride = (g.in_channels / g.groups) * plan.plane;
-  args.out_per_group = g.out_channels / g.groups;
-  args.blocks_per_group = w.blocks_per_group;
-  args.activation = activation_;
-  args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  const detail::DenseKernelArgs args = dense_args(plan, prepared, output);
 
   const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;
   run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,

@@ -275,6 +275,9 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
 Status QuantConv2d::fill_plan(ConvPlan* plan) const {
   if (kernel_ == QuantKernel::kLookup) {
     local_tap_offsets(geometry_, *plan, &plan->offsets);
+    // Layers with one-channel blocks (depthwise) prepare one group at a
+    // time, see run_per_group().
+    plan->raw_input = weights_->out_block == 1;
     return Status::Ok();
   }
   std::vector<int32_t> table;
@@ -285,6 +288,45 @@ Status QuantConv2d::fill_plan(ConvPlan* plan) const {
   return Status::Ok();
 }
 
+detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
+                                                  const float* prepared,
+                                                  float* output) const {
+  const ConvGeometry& g = geometry_;
+  const ConvWeights& w = *weights_;
+  detail::LookupKernelArgs args;
+  args.input = prepared;
+  args.output = output;
+  args.out_plane = plan.out_h * plan.out_w;
+  args.segments = plan.segments.data();
+  args.offsets = plan.offsets.data();
+  args.taps = static_cast<int64_t>(plan.offsets.size());
+  args.indices = w.block_indices.data();
+  args.codebook = w.codebook.data();
+  args.scale = w.scale.data();
+  args.bias = w.bias.data();
+  args.group_input_stride = (g.in_channels / g.groups) * plan.plane;
+  args.out_per_group = g.out_channels / g.groups;
+  args.blocks_per_group = w.blocks_per_group;
+  args.activation = activation_;
+  args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  return args;
+}
+
+void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
+                              float* output, ThreadPool* pool) const {
+  const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  const detail::LookupKernelArgs shared = lookup_args(plan, nullptr, output);
+  const int64_t blocks = weights_->blocks_per_group;
+  run_per_group(geometry_, plan, input, pool,
+                [&](const float* prepared, int64_t group, int64_t tile) {
+                  detail::LookupKernelArgs args = shared;
+                  args.input = prepared;
+                  args.group_input_stride = 0;
+                  kernels.lookup_single(args, tile, group * blocks,
+                                        (group + 1) * blocks);
+                });
+}
+
 void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
                           float* output, ThreadPool* pool) const {
   const ConvGeometry& g = geometry_;
@@ -292,23 +334,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
   const ConvWeights& w = *weights_;
 
   if (kernel_ == QuantKernel::kLookup) {
-    detail::LookupKernelArgs args;
-    args.input = prepared;
-    args.output = output;
-    args.out_plane = plan.out_h * plan.out_w;
-    args.segments = plan.segments.data();
-    args.offsets = plan.offsets.data();
-    args.taps = static_cast<int64_t>(plan.offsets.size());
-    args.indices = w.block_indices.data();
-    args.codebook = w.codebook.data();
-    args.scale = w.scale.data();
-    args.bias = w.bias.data();
-    args.group_input_stride = (g.in_channels / g.groups) * plan.plane;
-    args.out_per_group = g.out_channels / g.groups;
-    args.blocks_per_group = w.blocks_per_group;
-    args.activation = activation_;
-    args.pack_inputs = g.kernel_h * g.kernel_w == 1;
-
+    const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
     const auto kernel =
         w.out_block == 1 ? kernels.lookup_single : kernels.lookup;
     run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,

@@ -151,6 +151,11 @@ Status conv_output_size(const ConvGeometry& geometry, int64_t height,
 // that need the plain weights.
 Status unpack_indices(const QuantConvDesc& desc, std::vector<uint8_t>* out);
 
+namespace detail {
+struct LookupKernelArgs;
+struct DenseKernelArgs;
+}  // namespace detail
+
 struct ConvPlan;     // shape-dependent tables, built on first run per shape
 struct ConvWeights;  // repacked weights, kernel-specific
 
@@ -183,10 +188,11 @@ class Conv2d {
   // Runs the kernel over the prepared input.
   virtual void compute(const ConvPlan& plan, const float* prepared,
                        float* output, ThreadPool* pool) const = 0;
-  // Runs a plan marked `winograd` on the unprepared input; only layers
+  // Runs a plan marked `raw_input` on the unprepared NCHW input (Winograd,
+  // and depthwise layers that prepare one group at a time); only layers
   // whose fill_plan() marks plans so override it.
-  virtual void compute_winograd(const ConvPlan& plan, const float* input,
-                                float* output, ThreadPool* pool) const;
+  virtual void compute_raw(const ConvPlan& plan, const float* input,
+                           float* output, ThreadPool* pool) const;
 
   Status get_plan(int64_t height, int64_t width,
                   std::shared_ptr<const ConvPlan>* plan) const;
@@ -223,8 +229,14 @@ class QuantConv2d : public Conv2d {
   Status fill_plan(ConvPlan* plan) const override;
   void compute(const ConvPlan& plan, const float* prepared, float* output,
                ThreadPool* pool) const override;
+  void compute_raw(const ConvPlan& plan, const float* input, float* output,
+                   ThreadPool* pool) const override;
 
  private:
+  detail::LookupKernelArgs lookup_args(const ConvPlan& plan,
+                                       const float* prepared,
+                                       float* output) const;
+
   QuantConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
               QuantKernel kernel);
 
@@ -258,10 +270,16 @@ class DenseConv2d : public Conv2d {
   Status fill_plan(ConvPlan* plan) const override;
   void compute(const ConvPlan& plan, const float* prepared, float* output,
                ThreadPool* pool) const override;
-  void compute_winograd(const ConvPlan& plan, const float* input,
-                        float* output, ThreadPool* pool) const override;
+  void compute_raw(const ConvPlan& plan, const float* input, float* output,
+                   ThreadPool* pool) const override;
 
  private:
+  void compute_winograd(const ConvPlan& plan, const float* input,
+                        float* output, ThreadPool* pool) const;
+  detail::DenseKernelArgs dense_args(const ConvPlan& plan,
+                                     const float* prepared,
+                                     float* output) const;
+
   DenseConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
               DenseAlgorithm algorithm);
 
