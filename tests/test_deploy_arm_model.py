@@ -12,6 +12,7 @@ score within 1e-4, and the other way round.
 import ctypes
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -238,6 +239,84 @@ def check_cli_detections(proc, expected):
     np.testing.assert_allclose(got_boxes[:TOP], bboxes[:TOP], atol=1e-2)
     np.testing.assert_allclose(got_scores[:TOP], scores[:TOP], atol=1e-4)
     assert dets[0]['class'] == 'tree'
+
+
+def profile_counts(stderr):
+    """Nodes per operator from ``dgms_detect --profile`` output."""
+    counts = {}
+    for line in stderr.splitlines():
+        match = re.match(r'\s+(\S.*?)\s+(\d+) nodes\s', line)
+        if match:
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def test_add_then_activation_runs_fused(packed, tensor_file, tmp_path):
+    """An add whose only reader is a relu or relu6 node runs as one node.
+
+    Its results equal those of an add that carries the activation. An add
+    whose sum has another reader keeps its activation node."""
+    config, _, path = packed
+    sections = decode_container(path.read_bytes())
+    nodes = json.loads(sections[1].data)['graphs']['main']['nodes']
+    adds = [i for i, node in enumerate(nodes)
+            if node['op'] == 'add' and node['activation'] == 'none']
+    first, second = adds[1], adds[3]
+
+    def variant(name, edit):
+        grph = json.loads(sections[1].data)
+        edit(grph['graphs']['main']['nodes'])
+        out = tmp_path / f'{name}.dgms'
+        out.write_bytes(rebuild(sections, 1, json.dumps(grph).encode()))
+        return out
+
+    def with_activation(nodes):
+        nodes[first]['activation'] = 'relu'
+        nodes[second]['activation'] = 'relu6'
+
+    def separate_nodes(nodes):
+        # The later add first, so that `first` still indexes its add.
+        for index, op in ((second, 'relu6'), (first, 'relu')):
+            value = nodes[index]['output']
+            nodes[index]['output'] = value + '_sum'
+            nodes.insert(index + 1, {'op': op, 'inputs': [value + '_sum'],
+                                     'output': value})
+
+    def shared_sum(nodes):
+        value = nodes[first]['output']
+        nodes[first]['output'] = value + '_sum'
+        nodes[first + 1:first + 1] = [
+            {'op': 'relu', 'inputs': [value + '_sum'],
+             'output': value + '_relu'},
+            {'op': 'add', 'inputs': [value + '_sum', value + '_relu'],
+             'output': value, 'activation': 'none'}]
+
+    binary = build_variant('release', '-DCMAKE_BUILD_TYPE=Release')
+    runs = {}
+    for name, edit in (('fused', with_activation),
+                       ('separate', separate_nodes), ('shared', shared_sum)):
+        model = variant(name, edit)
+        proc = detections_of([str(binary), str(model), str(tensor_file[0]),
+                              '--profile'])
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        runs[name] = (json.loads(proc.stdout)['detections'],
+                      profile_counts(proc.stderr), model)
+    fused, separate, shared = runs['fused'], runs['separate'], runs['shared']
+    assert separate[0] == fused[0]
+    assert separate[1] == fused[1]
+    assert 'relu' not in separate[1] and 'relu6' not in separate[1]
+    assert shared[1]['relu'] == 1
+    assert shared[1]['add'] == fused[1]['add'] + 1
+    # The shared sum feeds two nodes: compare with the Python reader.
+    reference, _ = load_packed_detector(str(shared[2]))
+    runtime = RuntimeDetector(shared[2])
+    batch = first_batches(config, 1)[0]
+    with torch.no_grad():
+        expected = reference.test_step(batch)
+        data = reference.data_preprocessor(batch, False)
+    got = runtime.predict(data['inputs'], data['data_samples'])
+    for a, b in zip(expected, got):
+        assert_same_detections(a.pred_instances, b.pred_instances)
 
 
 def test_cli_under_sanitizers(packed, tensor_file, tmp_path):

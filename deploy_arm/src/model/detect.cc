@@ -5,6 +5,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "candidates.h"
 #include "dgms_rt/model.h"
 
 namespace dgms_rt {
@@ -90,38 +91,50 @@ struct ConfigReader {
   }
 };
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
 struct Box {
   float x1, y1, x2, y2;
 };
 
-// mmcv's CPU nms: indices of kept boxes, by descending score.
+// mmcv's CPU nms: indices of kept boxes, by descending score. Stops after
+// `limit` kept boxes when limit >= 0: the greedy pass keeps a box
+// depending only on the boxes before it, so the kept list is the same
+// prefix of the full one.
 std::vector<int64_t> nms(const std::vector<Box>& boxes,
                          const std::vector<float>& scores,
                          const std::vector<int64_t>& subset, float threshold,
-                         float offset) {
+                         float offset, int64_t limit) {
   std::vector<int64_t> order(subset);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
     return scores[size_t(a)] > scores[size_t(b)];
   });
-  std::vector<char> suppressed(order.size(), 0);
+  // Coordinates and areas in score order, as separate arrays, so that the
+  // loop over the remaining boxes vectorises. That loop also computes the
+  // overlap of boxes already suppressed, which only sets their flag again.
+  const size_t n = order.size();
+  std::vector<float> x1(n), y1(n), x2(n), y2(n), area(n);
+  for (size_t i = 0; i < n; ++i) {
+    const Box& b = boxes[size_t(order[i])];
+    x1[i] = b.x1;
+    y1[i] = b.y1;
+    x2[i] = b.x2;
+    y2[i] = b.y2;
+    area[i] = (b.x2 - b.x1 + offset) * (b.y2 - b.y1 + offset);
+  }
+  std::vector<int32_t> suppressed(n, 0);
   std::vector<int64_t> keep;
-  for (size_t i = 0; i < order.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     if (suppressed[i]) continue;
-    const Box& a = boxes[size_t(order[i])];
+    if (limit >= 0 && int64_t(keep.size()) >= limit) break;
     keep.push_back(order[i]);
-    const float area_a = (a.x2 - a.x1 + offset) * (a.y2 - a.y1 + offset);
-    for (size_t j = i + 1; j < order.size(); ++j) {
-      if (suppressed[j]) continue;
-      const Box& b = boxes[size_t(order[j])];
-      const float area_b = (b.x2 - b.x1 + offset) * (b.y2 - b.y1 + offset);
-      const float w = std::max(0.0f, std::min(a.x2, b.x2) -
-                                         std::max(a.x1, b.x1) + offset);
-      const float h = std::max(0.0f, std::min(a.y2, b.y2) -
-                                         std::max(a.y1, b.y1) + offset);
+    const float ax1 = x1[i], ay1 = y1[i], ax2 = x2[i], ay2 = y2[i];
+    const float area_a = area[i];
+    for (size_t j = i + 1; j < n; ++j) {
+      const float w = std::max(0.0f, std::min(ax2, x2[j]) -
+                                         std::max(ax1, x1[j]) + offset);
+      const float h = std::max(0.0f, std::min(ay2, y2[j]) -
+                                         std::max(ay1, y1[j]) + offset);
       const float inter = w * h;
-      if (inter / (area_a + area_b - inter) > threshold) suppressed[j] = 1;
+      suppressed[j] |= int32_t(inter / (area_a + area[j] - inter) > threshold);
     }
   }
   return keep;
@@ -318,6 +331,7 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
   std::vector<Box> boxes;
   std::vector<float> scores;
   std::vector<int64_t> labels;
+  std::vector<ScoredIndex> candidates;
   const float max_ratio = float(std::fabs(std::log(16.0 / 1000.0)));
   for (int64_t level = 0; level < levels; ++level) {
     const Tensor* c = cls[size_t(level)];
@@ -350,31 +364,10 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
         base_anchors.push_back(Box{cx - 0.5f * ws, cy - 0.5f * hs,
                                    cx + 0.5f * ws, cy + 0.5f * hs});
       }
-    // Candidates above the score threshold in (position, anchor, class)
-    // order, then the nms_pre best by descending score.
-    std::vector<int64_t> candidates;
-    std::vector<float> level_scores(static_cast<size_t>(plane * num_anchors * classes));
-    for (int64_t p = 0; p < plane; ++p)
-      for (int64_t k = 0; k < num_anchors * classes; ++k) {
-        const float score = sigmoid(cdata[k * plane + p]);
-        const int64_t flat = p * num_anchors * classes + k;
-        level_scores[size_t(flat)] = score;
-        if (score > settings.score_thr) candidates.push_back(flat);
-      }
-    // Python slicing of mmdet's filter_scores_and_topk: a negative nms_pre
-    // gives min(nms_pre, n) < 0, which drops that many from the end.
-    const int64_t n = int64_t(candidates.size());
-    int64_t keep = std::min(settings.nms_pre, n);
-    if (keep < 0) keep = std::max<int64_t>(0, n + keep);
-    // Descending score, ties by position: only the kept ones are sorted.
-    std::partial_sort(candidates.begin(), candidates.begin() + keep,
-                      candidates.end(), [&](int64_t x, int64_t y) {
-                        const float sx = level_scores[size_t(x)];
-                        const float sy = level_scores[size_t(y)];
-                        return sx > sy || (sx == sy && x < y);
-                      });
-    candidates.resize(size_t(keep));
-    for (int64_t flat : candidates) {
+    select_candidates(cdata, num_anchors * classes, plane,
+                      settings.score_thr, settings.nms_pre, &candidates);
+    for (const ScoredIndex& candidate : candidates) {
+      const int64_t flat = candidate.index;
       const int64_t p = flat / (num_anchors * classes);
       const int64_t a = (flat / classes) % num_anchors;
       const int64_t label = flat % classes;
@@ -411,7 +404,7 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
         box.y2 = std::min(std::max(box.y2, 0.0f), mh);
       }
       boxes.push_back(box);
-      scores.push_back(level_scores[size_t(flat)]);
+      scores.push_back(candidate.score);
       labels.push_back(label);
     }
   }
@@ -453,10 +446,16 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
       b.y2 += offset;
     }
   }
+  // Only the first `limit` boxes by score survive nms_max_num and
+  // max_per_img (-1: no limit). The kept boxes of one class come in the
+  // order of the final list, so each NMS can stop after `limit` as well.
+  int64_t limit = settings.nms_max_num > 0 ? settings.nms_max_num : -1;
+  if (settings.max_per_img >= 0 && (limit < 0 || settings.max_per_img < limit))
+    limit = settings.max_per_img;
   std::vector<int64_t> kept;
   if (int64_t(valid.size()) < settings.split_thr) {
     kept = nms(nms_boxes, scores, valid, settings.iou_threshold,
-               settings.nms_offset);
+               settings.nms_offset, limit);
     if (settings.nms_max_num > 0 && int64_t(kept.size()) > settings.nms_max_num)
       kept.resize(size_t(settings.nms_max_num));
   } else {
@@ -470,7 +469,8 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
       for (int64_t i : valid)
         if (labels[size_t(i)] == label) subset.push_back(i);
       std::vector<int64_t> k = nms(nms_boxes, scores, subset,
-                                   settings.iou_threshold, settings.nms_offset);
+                                   settings.iou_threshold, settings.nms_offset,
+                                   limit);
       kept.insert(kept.end(), k.begin(), k.end());
     }
     std::sort(kept.begin(), kept.end());

@@ -667,12 +667,7 @@ class Reader {
       out->outputs.emplace_back(entry.items()[0].as_string(), it->second);
     }
     out->num_values = int(ids.size());
-    out->last_use.assign(size_t(out->num_values), -1);
-    for (size_t i = 0; i < out->nodes.size(); ++i)
-      for (int v : out->nodes[i].inputs) out->last_use[size_t(v)] = int(i);
-    // Graph outputs live to the end.
-    for (const auto& o : out->outputs)
-      out->last_use[size_t(o.second)] = int(out->nodes.size());
+    compute_last_use(out);
     return Status::Ok();
   }
 
@@ -877,6 +872,15 @@ uint32_t crc_table_entry(uint32_t c) {
 }
 
 }  // namespace
+
+void compute_last_use(GraphData* graph) {
+  graph->last_use.assign(size_t(graph->num_values), -1);
+  for (size_t i = 0; i < graph->nodes.size(); ++i)
+    for (int v : graph->nodes[i].inputs) graph->last_use[size_t(v)] = int(i);
+  // Graph outputs live to the end.
+  for (const auto& o : graph->outputs)
+    graph->last_use[size_t(o.second)] = int(graph->nodes.size());
+}
 
 uint32_t crc32(const uint8_t* data, size_t size) {
   static const std::vector<uint32_t> table = [] {

@@ -66,6 +66,9 @@ struct PackedContent {
   std::map<std::string, GraphData> graphs;
 };
 
+// Fills graph->last_use from the nodes and outputs.
+void compute_last_use(GraphData* graph);
+
 // Parses and validates the whole file.
 Status parse_packed(const uint8_t* data, size_t size, const std::string& name,
                     PackedContent* out);

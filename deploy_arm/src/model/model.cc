@@ -10,18 +10,13 @@
 #include <map>
 
 #include "loader.h"
+#include "ops.h"
 
 namespace dgms_rt {
 namespace {
 
 Status invalid(const std::string& message) {
   return Status(StatusCode::kInvalidArgument, message);
-}
-
-inline float activate(float v, Activation act) {
-  if (act == Activation::kReLU) return v > 0.0f ? v : 0.0f;
-  if (act == Activation::kReLU6) return std::min(std::max(v, 0.0f), 6.0f);
-  return v;
 }
 
 struct BuiltConv {
@@ -40,6 +35,81 @@ Status check_elements(int64_t count, const std::string& what) {
   return Status::Ok();
 }
 
+// The buffers of values that died earlier in one graph run, handed to
+// later outputs. A new std::vector is zero-filled, and a tensor of
+// megabytes is page-faulted on first touch, on every run; a reused buffer
+// costs neither. Every operator and Conv2d::run writes all elements of its
+// output, so the stale contents never show.
+class BufferPool {
+ public:
+  // Returns a vector of `count` floats: the smallest free buffer with the
+  // capacity (contents unspecified), or a new zeroed one.
+  std::vector<float> take(size_t count) {
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i) {
+      const size_t capacity = free_[i].capacity();
+      if (capacity >= count &&
+          (best == free_.size() || capacity < free_[best].capacity()))
+        best = i;
+    }
+    if (best == free_.size()) return std::vector<float>(count);
+    std::vector<float> buffer = std::move(free_[best]);
+    free_[best] = std::move(free_.back());
+    free_.pop_back();
+    buffer.resize(count);
+    return buffer;
+  }
+
+  // Takes over the buffer of a value that is no longer needed.
+  void give(std::vector<float>* buffer) {
+    if (buffer->capacity() > 0) free_.push_back(std::move(*buffer));
+    buffer->clear();
+  }
+
+ private:
+  std::vector<std::vector<float>> free_;
+};
+
+// Merges each relu or relu6 node into the add before it when the add has
+// no activation and the relu is the only reader of the sum. The merged add
+// applies the activation to the same rounded sum, so the result is the
+// same, in one pass over the tensor instead of two.
+void fuse_add_activation(GraphData* graph) {
+  std::vector<int> readers(size_t(graph->num_values), 0);
+  for (const NodeData& node : graph->nodes)
+    for (int v : node.inputs) ++readers[size_t(v)];
+  for (const auto& output : graph->outputs) ++readers[size_t(output.second)];
+  std::vector<int> producer(size_t(graph->num_values), -1);
+  for (size_t i = 0; i < graph->nodes.size(); ++i)
+    producer[size_t(graph->nodes[i].output)] = int(i);
+
+  std::vector<bool> dropped(graph->nodes.size(), false);
+  bool changed = false;
+  for (NodeData& node : graph->nodes) {
+    if (node.op != OpType::kRelu && node.op != OpType::kRelu6) continue;
+    const int v = node.inputs[0];
+    if (readers[size_t(v)] != 1 || producer[size_t(v)] < 0) continue;
+    NodeData& add = graph->nodes[size_t(producer[size_t(v)])];
+    if (add.op != OpType::kAdd || add.activation != Activation::kNone)
+      continue;
+    add.activation = node.op == OpType::kRelu ? Activation::kReLU
+                                              : Activation::kReLU6;
+    // The add now defines the activation's output value. It runs before
+    // the activation node did, so the value is still defined before every
+    // reader.
+    add.output = node.output;
+    dropped[size_t(&node - graph->nodes.data())] = true;
+    changed = true;
+  }
+  if (!changed) return;
+
+  std::vector<NodeData> kept;
+  for (size_t i = 0; i < graph->nodes.size(); ++i)
+    if (!dropped[i]) kept.push_back(std::move(graph->nodes[i]));
+  graph->nodes = std::move(kept);
+  compute_last_use(graph);
+}
+
 }  // namespace
 
 class ModelImpl {
@@ -51,6 +121,7 @@ class ModelImpl {
 
   Status build(const ModelOptions& options) {
     pool.reset(new ThreadPool(options.threads));
+    for (auto& entry : content.graphs) fuse_add_activation(&entry.second);
     std::map<std::pair<int, int>, int> made;
     for (auto& entry : content.graphs) {
       for (NodeData& node : entry.second.nodes) {
@@ -136,7 +207,8 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  Status run_conv(const NodeData& node, const Tensor& x, Tensor* y) const {
+  Status run_conv(const NodeData& node, const Tensor& x, BufferPool* buffers,
+                  Tensor* y) const {
     const BuiltConv& built = convs[size_t(node.conv)];
     const ConvGeometry& g = built.conv->geometry();
     if (x.shape.size() != 4 || x.shape[1] != g.in_channels)
@@ -149,7 +221,7 @@ class ModelImpl {
     y->shape = {n, g.out_channels, oh, ow};
     s = check_elements(y->numel(), "the output " + y->shape_string());
     if (!s.ok()) return s;
-    y->data.resize(size_t(y->numel()));
+    y->data = buffers->take(size_t(y->numel()));
     const int64_t in_size = g.in_channels * x.shape[2] * x.shape[3];
     const int64_t out_size = g.out_channels * oh * ow;
     for (int64_t b = 0; b < n; ++b) {
@@ -160,20 +232,15 @@ class ModelImpl {
     }
     if (built.affine_after) {
       const LayerData& layer = content.layers[size_t(built.layer)];
-      const int64_t plane = oh * ow;
-      for (int64_t b = 0; b < n; ++b)
-        for (int64_t o = 0; o < g.out_channels; ++o) {
-          float* p = y->data.data() + (b * g.out_channels + o) * plane;
-          const float scale = layer.scale[size_t(o)];
-          const float bias = layer.bias[size_t(o)];
-          for (int64_t i = 0; i < plane; ++i)
-            p[i] = activate(std::fma(p[i], scale, bias), built.activation);
-        }
+      scale_bias_activate(y->data.data(), n * g.out_channels, oh * ow,
+                          layer.scale.data(), layer.bias.data(),
+                          g.out_channels, built.activation, pool.get());
     }
     return Status::Ok();
   }
 
-  Status run_linear(const NodeData& node, const Tensor& x, Tensor* y) const {
+  Status run_linear(const NodeData& node, const Tensor& x,
+                    BufferPool* buffers, Tensor* y) const {
     const LayerData& layer = content.layers[size_t(node.layer)];
     const int64_t in = layer.in_features, out = layer.out_features;
     if (x.shape.size() != 2 || x.shape[1] != in)
@@ -183,7 +250,7 @@ class ModelImpl {
     y->shape = {n, out};
     Status s = check_elements(y->numel(), "the output " + y->shape_string());
     if (!s.ok()) return s;
-    y->data.assign(size_t(n * out), 0.0f);
+    y->data = buffers->take(size_t(n * out));
     pool->parallel_for(n * out, [&](int64_t item) {
       const int64_t r = item / out, o = item % out;
       const float* a = x.data.data() + r * in;
@@ -196,8 +263,8 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  static Status run_max_pool(const NodeData& node, const Tensor& x,
-                             Tensor* y) {
+  Status run_max_pool(const NodeData& node, const Tensor& x,
+                      BufferPool* buffers, Tensor* y) const {
     if (x.shape.size() != 4)
       return invalid("expects an (N, C, H, W) input, got " +
                      x.shape_string());
@@ -220,36 +287,21 @@ class ModelImpl {
     y->shape = {x.shape[0], x.shape[1], out_size[0], out_size[1]};
     Status s = check_elements(y->numel(), "the output " + y->shape_string());
     if (!s.ok()) return s;
-    y->data.resize(size_t(y->numel()));
-    const int64_t h = x.shape[2], w = x.shape[3];
-    const int64_t planes = x.shape[0] * x.shape[1];
-    for (int64_t p = 0; p < planes; ++p) {
-      const float* in = x.data.data() + p * h * w;
-      float* out = y->data.data() + p * out_size[0] * out_size[1];
-      for (int64_t oy = 0; oy < out_size[0]; ++oy)
-        for (int64_t ox = 0; ox < out_size[1]; ++ox) {
-          float best = -std::numeric_limits<float>::infinity();
-          for (int64_t ky = 0; ky < node.kernel[0]; ++ky) {
-            const int64_t iy = oy * node.stride[0] - node.padding[0] +
-                               ky * node.dilation[0];
-            if (iy < 0 || iy >= h) continue;
-            for (int64_t kx = 0; kx < node.kernel[1]; ++kx) {
-              const int64_t ix = ox * node.stride[1] - node.padding[1] +
-                                 kx * node.dilation[1];
-              if (ix < 0 || ix >= w) continue;
-              const float v = in[iy * w + ix];
-              // NaN propagates, as in PyTorch.
-              if (v > best || std::isnan(v)) best = v;
-            }
-          }
-          out[oy * out_size[1] + ox] = best;
-        }
+    y->data = buffers->take(size_t(y->numel()));
+    PoolWindow window;
+    for (int k = 0; k < 2; ++k) {
+      window.kernel[k] = node.kernel[k];
+      window.stride[k] = node.stride[k];
+      window.padding[k] = node.padding[k];
+      window.dilation[k] = node.dilation[k];
     }
+    max_pool2d(x.data.data(), x.shape[0] * x.shape[1], x.shape[2], x.shape[3],
+               window, out_size[0], out_size[1], y->data.data(), pool.get());
     return Status::Ok();
   }
 
   static Status run_resize(const NodeData& node, const Tensor& x,
-                           const Tensor* ref, Tensor* y) {
+                           const Tensor* ref, BufferPool* buffers, Tensor* y) {
     if (x.shape.size() != 4)
       return invalid("expects an (N, C, H, W) input, got " +
                      x.shape_string());
@@ -273,7 +325,7 @@ class ModelImpl {
     y->shape = {x.shape[0], x.shape[1], oh, ow};
     Status s = check_elements(y->numel(), "the output " + y->shape_string());
     if (!s.ok()) return s;
-    y->data.resize(size_t(y->numel()));
+    y->data = buffers->take(size_t(y->numel()));
     std::vector<int64_t> src_x(static_cast<size_t>(ow));
     for (int64_t j = 0; j < ow; ++j)
       src_x[size_t(j)] = std::min(int64_t(std::floor(float(j) * sw)), w - 1);
@@ -289,23 +341,36 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  Status run_node(const NodeData& node, const std::vector<Tensor>& values,
+  // Runs one node. An input whose value dies at this node (dies[k] for
+  // node.inputs[k]) may hand its buffer to the output: add, relu, relu6
+  // and flatten then work in place.
+  Status run_node(const NodeData& node, const bool dies[2],
+                  std::vector<Tensor>* values, BufferPool* buffers,
                   Tensor* y) const {
-    const Tensor& x = values[size_t(node.inputs[0])];
+    Tensor& x = (*values)[size_t(node.inputs[0])];
     switch (node.op) {
       case OpType::kConv2d:
-        return run_conv(node, x, y);
+        return run_conv(node, x, buffers, y);
       case OpType::kLinear:
-        return run_linear(node, x, y);
+        return run_linear(node, x, buffers, y);
       case OpType::kAdd: {
-        const Tensor& b = values[size_t(node.inputs[1])];
+        Tensor& b = (*values)[size_t(node.inputs[1])];
         if (x.shape != b.shape)
           return invalid("adds tensors of different shapes " +
                          x.shape_string() + " and " + b.shape_string());
         y->shape = x.shape;
-        y->data.resize(x.data.size());
-        for (size_t i = 0; i < x.data.size(); ++i)
-          y->data[i] = activate(x.data[i] + b.data[i], node.activation);
+        // The pointers stay valid when a buffer moves to y.
+        const float* pa = x.data.data();
+        const float* pb = b.data.data();
+        if (dies[0]) {
+          y->data = std::move(x.data);
+        } else if (dies[1]) {
+          y->data = std::move(b.data);
+        } else {
+          y->data = buffers->take(size_t(y->numel()));
+        }
+        add_activate(pa, pb, y->numel(), node.activation, y->data.data(),
+                     pool.get());
         return Status::Ok();
       }
       case OpType::kRelu:
@@ -313,24 +378,29 @@ class ModelImpl {
         const Activation act = node.op == OpType::kRelu ? Activation::kReLU
                                                         : Activation::kReLU6;
         y->shape = x.shape;
-        y->data.resize(x.data.size());
-        for (size_t i = 0; i < x.data.size(); ++i)
-          y->data[i] = activate(x.data[i], act);
+        const float* px = x.data.data();
+        y->data = dies[0] ? std::move(x.data)
+                          : buffers->take(size_t(y->numel()));
+        apply_activation(px, y->numel(), act, y->data.data(), pool.get());
         return Status::Ok();
       }
       case OpType::kMaxPool2d:
-        return run_max_pool(node, x, y);
+        return run_max_pool(node, x, buffers, y);
       case OpType::kResizeNearest:
         return run_resize(node, x,
-                          node.size_of ? &values[size_t(node.inputs[1])]
+                          node.size_of ? &(*values)[size_t(node.inputs[1])]
                                        : nullptr,
-                          y);
+                          buffers, y);
       case OpType::kFlatten: {
         if (x.shape.size() < 2)
           return invalid("flattens an input of rank 2 or more, got " +
                          x.shape_string());
         y->shape = {x.shape[0], x.numel() / std::max<int64_t>(x.shape[0], 1)};
-        y->data = x.data;
+        if (dies[0]) {
+          y->data = std::move(x.data);
+        } else {
+          y->data = x.data;
+        }
         return Status::Ok();
       }
     }
@@ -379,11 +449,20 @@ class ModelImpl {
                        "value count");
       values[size_t(graph.inputs[i])] = t;
     }
+    BufferPool buffers;
     for (size_t i = 0; i < graph.nodes.size(); ++i) {
       const NodeData& node = graph.nodes[i];
+      // An input dies here when this node is its last reader (graph
+      // outputs never die) and it is not read twice by this node.
+      bool dies[2] = {false, false};
+      for (size_t k = 0; k < node.inputs.size() && k < 2; ++k) {
+        const int v = node.inputs[k];
+        dies[k] = graph.last_use[size_t(v)] == int(i) &&
+                  std::count(node.inputs.begin(), node.inputs.end(), v) == 1;
+      }
       Tensor y;
       const auto start = std::chrono::steady_clock::now();
-      Status s = run_node(node, values, &y);
+      Status s = run_node(node, dies, &values, &buffers, &y);
       if (times != nullptr) {
         Model::NodeTime t;
         t.op = node_label(node);
@@ -397,14 +476,23 @@ class ModelImpl {
                                     std::to_string(i) + ": " + s.message());
       values[size_t(node.output)] = std::move(y);
       for (int v : node.inputs)
-        if (graph.last_use[size_t(v)] == int(i)) {
-          values[size_t(v)].data.clear();
-          values[size_t(v)].data.shrink_to_fit();
-        }
+        if (graph.last_use[size_t(v)] == int(i))
+          buffers.give(&values[size_t(v)].data);
     }
     outputs->clear();
-    for (const auto& o : graph.outputs)
-      outputs->emplace_back(o.first, values[size_t(o.second)]);
+    for (size_t k = 0; k < graph.outputs.size(); ++k) {
+      const auto& o = graph.outputs[k];
+      Tensor& value = values[size_t(o.second)];
+      // Move each output out, except a value listed again later.
+      bool listed_again = false;
+      for (size_t j = k + 1; j < graph.outputs.size(); ++j)
+        listed_again = listed_again || graph.outputs[j].second == o.second;
+      if (listed_again) {
+        outputs->emplace_back(o.first, value);
+      } else {
+        outputs->emplace_back(o.first, std::move(value));
+      }
+    }
     return Status::Ok();
   }
 };
