@@ -2,8 +2,7 @@
 // candidate selection against naive loops, bit for bit. max_pool2d runs on
 // odd sizes, strides, dilations, padding and ceil_mode windows with NaN,
 // -inf and both zeros. add and the activations run in place and out of
-// place, and the folded scale and bias are compared with std::fma. The
-// score threshold and nms_pre selection gets logits with ties, NaN,
+// place. The score threshold and nms_pre selection gets logits with ties, NaN,
 // infinities and scores that round to 1. Prints one line per failure and
 // exits non-zero if any.
 #include <algorithm>
@@ -244,44 +243,6 @@ void test_elementwise(std::mt19937* rng) {
     }
 }
 
-void test_scale_bias(std::mt19937* rng) {
-  ThreadPool pool(3);
-  const Activation acts[] = {Activation::kNone, Activation::kReLU,
-                             Activation::kReLU6};
-  const int64_t channels = 5, planes = 10;
-  // Plane sizes around the vector widths.
-  for (int64_t plane_size : {1, 7, 8, 9, 33, 1000}) {
-    for (Activation act : acts) {
-      const size_t count = size_t(planes * plane_size);
-      const std::vector<float> input = tricky_values(count, rng);
-      // The reader accepts only finite scales and biases. With NaN in
-      // two operands, which payload fma returns depends on the CPU.
-      std::normal_distribution<float> normal(0.0f, 2.0f);
-      std::vector<float> scale(static_cast<size_t>(channels));
-      std::vector<float> bias(static_cast<size_t>(channels));
-      for (float& v : scale) v = normal(*rng);
-      for (float& v : bias) v = normal(*rng);
-      scale[0] = 1.0f / 3.0f;  // a product that needs the single rounding
-      bias[0] = 0.1f;
-      std::vector<float> expected(input);
-      for (size_t i = 0; i < count; ++i) {
-        const size_t c = (i / size_t(plane_size)) % size_t(channels);
-        expected[i] = naive_activate(std::fma(input[i], scale[c], bias[c]),
-                                     act);
-      }
-      for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
-        std::vector<float> got(input);
-        scale_bias_activate(got.data(), planes, plane_size, scale.data(),
-                            bias.data(), channels, act, p);
-        check(same_bits(got, expected),
-              "scale_bias_activate plane " + std::to_string(plane_size) +
-                  " activation " + std::to_string(int(act)) +
-                  ": differs from fma per element");
-      }
-    }
-  }
-}
-
 // The plain procedure that select_candidates must reproduce.
 std::vector<ScoredIndex> naive_select(const std::vector<float>& logits,
                                       int64_t channels, int64_t positions,
@@ -374,7 +335,6 @@ int main() {
   std::mt19937 rng(20240531);
   test_max_pool(&rng);
   test_elementwise(&rng);
-  test_scale_bias(&rng);
   test_select_candidates(&rng);
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -40,6 +40,9 @@ struct ModelOptions {
   int threads = 1;
   Isa isa = Isa::kAuto;
   QuantKernel quant_kernel = QuantKernel::kAuto;
+  // Full-precision 3x3 stride-1 layers: kAuto runs Winograd where it is
+  // faster (see DenseConv2d), kDirect saves its 4x filter memory.
+  DenseAlgorithm dense_algorithm = DenseAlgorithm::kAuto;
 };
 
 class ModelImpl;

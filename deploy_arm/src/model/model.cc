@@ -22,10 +22,6 @@ Status invalid(const std::string& message) {
 struct BuiltConv {
   std::unique_ptr<Conv2d> conv;
   int layer = -1;
-  // Dense layer with a folded scale: the kernel runs without bias and
-  // activation, and fma(y, scale, bias) then the activation follow here.
-  bool affine_after = false;
-  Activation activation = Activation::kNone;
 };
 
 Status check_elements(int64_t count, const std::string& what) {
@@ -193,13 +189,22 @@ class ModelImpl {
     desc.geometry = layer.geometry;
     desc.weights = layer.weights.data();
     desc.weights_size = int64_t(layer.weights.size());
-    out->affine_after = !layer.scale.empty();
-    out->activation = act;
-    if (!out->affine_after && !layer.bias.empty()) {
+    // A folded scale is applied in the kernel as fma(sum, scale, bias).
+    std::vector<float> zeros;
+    if (!layer.scale.empty()) {
+      desc.scale = layer.scale.data();
+      desc.scale_size = channels;
+      if (layer.bias.empty()) zeros.assign(size_t(channels), 0.0f);
+    }
+    if (!layer.bias.empty()) {
       desc.bias = layer.bias.data();
       desc.bias_size = channels;
+    } else if (!layer.scale.empty()) {
+      desc.bias = zeros.data();
+      desc.bias_size = channels;
     }
-    desc.activation = out->affine_after ? Activation::kNone : act;
+    desc.activation = act;
+    desc.algorithm = options.dense_algorithm;
     std::unique_ptr<DenseConv2d> conv;
     Status s = DenseConv2d::create(desc, options.isa, &conv);
     if (!s.ok()) return s;
@@ -229,12 +234,6 @@ class ModelImpl {
                           x.shape[3], y->data.data() + b * out_size, out_size,
                           pool.get());
       if (!s.ok()) return s;
-    }
-    if (built.affine_after) {
-      const LayerData& layer = content.layers[size_t(built.layer)];
-      scale_bias_activate(y->data.data(), n * g.out_channels, oh * ow,
-                          layer.scale.data(), layer.bias.data(),
-                          g.out_channels, built.activation, pool.get());
     }
     return Status::Ok();
   }

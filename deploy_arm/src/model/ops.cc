@@ -83,44 +83,6 @@ void activate_range(const float* x, float* out, int64_t n) {
   }
 }
 
-template <Activation kAct>
-void affine_range(float* __restrict data, int64_t n, float scale,
-                  float bias) {
-  for (int64_t i = 0; i < n; ++i)
-    data[i] = activate(std::fma(data[i], scale, bias), kAct);
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// The x86-64 baseline has no FMA instruction, so std::fma above is a call
-// to the C library per element. This copy is compiled for AVX2 + FMA,
-// where std::fma becomes one vectorised instruction, and runs only on
-// CPUs that have them.
-#define DGMS_RT_AFFINE_AVX2 1
-template <Activation kAct>
-__attribute__((target("avx2,fma"))) void affine_range_avx2(
-    float* __restrict data, int64_t n, float scale, float bias) {
-  for (int64_t i = 0; i < n; ++i)
-    data[i] = activate(std::fma(data[i], scale, bias), kAct);
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
-
-template <Activation kAct>
-void affine_plane(float* data, int64_t n, float scale, float bias) {
-#ifdef DGMS_RT_AFFINE_AVX2
-  if (cpu_has_avx2_fma()) {
-    affine_range_avx2<kAct>(data, n, scale, bias);
-    return;
-  }
-#endif
-  affine_range<kAct>(data, n, scale, bias);
-}
-
 // Folds in[i * stride] into the running maximum out[i] for i < count.
 // kStride > 0 fixes the stride at compile time, which lets the compiler
 // vectorise the strided loads; 0 reads it from `stride`.
@@ -174,26 +136,6 @@ void apply_activation(const float* x, int64_t count, Activation act,
         break;
       default:
         if (out != x) std::copy(x + begin, x + end, out + begin);
-        break;
-    }
-  });
-}
-
-void scale_bias_activate(float* data, int64_t planes, int64_t plane_size,
-                         const float* scale, const float* bias,
-                         int64_t channels, Activation act, ThreadPool* pool) {
-  run_items(pool, planes, [&](int64_t plane) {
-    float* p = data + plane * plane_size;
-    const float s = scale[plane % channels], b = bias[plane % channels];
-    switch (act) {
-      case Activation::kReLU:
-        affine_plane<Activation::kReLU>(p, plane_size, s, b);
-        break;
-      case Activation::kReLU6:
-        affine_plane<Activation::kReLU6>(p, plane_size, s, b);
-        break;
-      default:
-        affine_plane<Activation::kNone>(p, plane_size, s, b);
         break;
     }
   });

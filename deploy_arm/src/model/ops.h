@@ -29,15 +29,6 @@ void add_activate(const float* a, const float* b, int64_t count,
 void apply_activation(const float* x, int64_t count, Activation act,
                       float* out, ThreadPool* pool);
 
-// y = activate(fma(y, scale[c], bias[c])) over `planes` planes of
-// plane_size values, plane i belonging to channel i % channels: the
-// folded BatchNorm after a dense conv. scale and bias must be finite (the
-// reader checks). fma rounds once, so the FMA instructions used where the
-// CPU has them give the same bits as the C library's fmaf.
-void scale_bias_activate(float* data, int64_t planes, int64_t plane_size,
-                         const float* scale, const float* bias,
-                         int64_t channels, Activation act, ThreadPool* pool);
-
 struct PoolWindow {
   int64_t kernel[2] = {1, 1};  // [height, width], as in the packed graph
   int64_t stride[2] = {1, 1};
