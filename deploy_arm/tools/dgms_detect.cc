@@ -2,6 +2,7 @@
 //
 //   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
 //               [--repeat R] [--warmup W] [--profile]
+//               [--dense-algorithm auto|direct]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -10,6 +11,8 @@
 // pixels. --repeat R times R runs of detection after W warm-up runs and
 // reports the median and minimum latency on stderr; --profile prints the
 // main graph's time per operator kind (one more run) on stderr.
+// --dense-algorithm direct turns Winograd off for the full-precision 3x3
+// stride-1 layers (ModelOptions::dense_algorithm).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -147,7 +150,12 @@ int usage() {
   std::fprintf(stderr,
                "usage: dgms_detect MODEL.dgms INPUT [--threads N] "
                "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
-               "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n");
+               "                   [--dense-algorithm auto|direct]\n"
+               "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
+               "--dense-algorithm: how full-precision 3x3 stride-1 layers "
+               "run: auto (Winograd\n"
+               "  where faster, default) or direct (no Winograd, 4x less "
+               "filter memory)\n");
   return 2;
 }
 
@@ -163,6 +171,7 @@ int main(int argc, char** argv) {
   int threads = 1, repeat = 0, warmup = 1;
   bool profile = false;
   std::string output;
+  dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* name) -> const char* {
@@ -188,6 +197,18 @@ int main(int argc, char** argv) {
     else if (arg == "--warmup") warmup = integer("--warmup", 0, 100000);
     else if (arg == "--output") output = value("--output");
     else if (arg == "--profile") profile = true;
+    else if (arg == "--dense-algorithm") {
+      const std::string name = value("--dense-algorithm");
+      if (name == "auto") {
+        dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
+      } else if (name == "direct") {
+        dense_algorithm = dgms_rt::DenseAlgorithm::kDirect;
+      } else {
+        std::fprintf(stderr, "dgms_detect: --dense-algorithm is '%s', "
+                     "expected auto or direct\n", name.c_str());
+        return 2;
+      }
+    }
     else if (arg == "-h" || arg == "--help") return usage();
     else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "dgms_detect: unknown option %s\n", arg.c_str());
@@ -200,6 +221,7 @@ int main(int argc, char** argv) {
 
   dgms_rt::ModelOptions options;
   options.threads = threads;
+  options.dense_algorithm = dense_algorithm;
   std::unique_ptr<dgms_rt::Model> model;
   const auto load_start = std::chrono::steady_clock::now();
   Status s = dgms_rt::Model::load_file(positional[0], options, &model);
