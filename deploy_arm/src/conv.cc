@@ -176,6 +176,36 @@ void prepare_input(const ConvGeometry& g, const ConvPlan& p,
   }
 }
 
+bool flat_geometry(const ConvGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
+         g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+
+void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
+                    ConvPlan* plan) {
+  const int64_t pixels = plan->height * plan->width;
+  const int64_t segments = (pixels + lanes - 1) / lanes;
+  plan->raw_input = true;
+  plan->flat = true;
+  plan->num_tiles = (segments + tile_segments - 1) / tile_segments;
+  plan->segments.clear();
+  plan->segments.reserve(plan->num_tiles * tile_segments);
+  for (int64_t p = 0; p < pixels; p += lanes) {
+    plan->segments.push_back(detail::Segment{
+        static_cast<int32_t>(p), static_cast<int32_t>(p),
+        static_cast<int32_t>(std::min<int64_t>(lanes, pixels - p))});
+  }
+  while (static_cast<int64_t>(plan->segments.size()) <
+         plan->num_tiles * tile_segments) {
+    plan->segments.push_back(detail::Segment{0, 0, 0});
+  }
+  const int64_t channels = g.in_channels / g.groups;
+  plan->offsets.resize(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    plan->offsets[c] = static_cast<int32_t>(c * pixels);
+  }
+}
+
 void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
                    const float* input, ThreadPool* pool,
                    const std::function<void(const float*, int64_t, int64_t)>&

@@ -33,6 +33,9 @@ struct ConvPlan {
   // of the fields above.
   bool raw_input = false;
   bool winograd = false;
+  // 1x1 stride-1 unpadded layers read the unprepared input: segments run
+  // over the flattened pixels (across rows) and offsets are plane offsets.
+  bool flat = false;
   int64_t tiles_y = 0;
   int64_t tiles_x = 0;
   int64_t tile_blocks = 0;
@@ -74,6 +77,16 @@ struct ConvWeights {
   std::vector<float> winograd_u;
   int64_t winograd_out_blocks = 0;
 };
+
+// Whether a layer reads its unprepared input through a flat plan: a 1x1
+// kernel with stride 1 and no padding, whose output pixel p reads input
+// pixel p of every channel.
+bool flat_geometry(const ConvGeometry& g);
+
+// Turns plan into a flat plan (see ConvPlan::flat) with `lanes` pixels
+// per segment and `tile_segments` segments per tile.
+void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
+                    ConvPlan* plan);
 
 // Copies `channels` input planes of height x width into the prepared
 // layout of `plan` (zero padding, phase split) at dst.

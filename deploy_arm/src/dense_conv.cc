@@ -230,6 +230,10 @@ Status DenseConv2d::fill_plan(ConvPlan* plan) const {
     }
     return Status::Ok();
   }
+  if (flat_geometry(geometry_) && weights_->out_block > 1) {
+    make_flat_plan(geometry_, lanes_, tile_segments_, plan);
+    return Status::Ok();
+  }
   local_tap_offsets(geometry_, *plan, &plan->offsets);
   // Layers with one-channel blocks (depthwise) prepare one group at a
   // time, see run_per_group().
@@ -257,6 +261,7 @@ detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
   args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  args.raw_input = false;
   return args;
 }
 
@@ -267,6 +272,19 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  if (plan.flat) {
+    const ConvGeometry& g = geometry_;
+    const ConvWeights& w = *weights_;
+    detail::DenseKernelArgs args = dense_args(plan, input, output);
+    args.group_input_stride =
+        (g.in_channels / g.groups) * plan.height * plan.width;
+    args.raw_input = true;
+    run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
+                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
+                  kernels.dense(args, tile, begin, end);
+                });
+    return;
+  }
   const detail::DenseKernelArgs shared = dense_args(plan, nullptr, output);
   const int64_t blocks = weights_->blocks_per_group;
   run_per_group(geometry_, plan, input, pool,

@@ -133,11 +133,14 @@ struct TileInputs {
   const int32_t* offsets = nullptr;  // null when packed
 
   // Points at the tile's inputs of conv group `group`; packs them into
-  // panel_storage when `pack` is set.
+  // panel_storage when `pack` is set. With `partial`, the input is the
+  // layer's unprepared input (flat 1x1 plans), which has no slack after
+  // the last pixel, so segments with fewer than kLanes pixels are loaded
+  // partially and packing is required.
   void prepare(const float* input, int64_t group_input_stride,
                const int32_t* tap_offsets, int64_t taps,
                const Segment* segments, int64_t group, bool pack,
-               std::vector<float>* panel_storage) {
+               bool partial, std::vector<float>* panel_storage) {
     const float* group_input = input + group * group_input_stride;
     for (int s = 0; s < kTile; ++s) {
       base[s] = group_input + segments[s].input_offset;
@@ -151,8 +154,12 @@ struct TileInputs {
     float* panel = panel_storage->data();
     for (int64_t t = 0; t < taps; ++t) {
       for (int s = 0; s < kTile; ++s) {
-        Ops::store(panel + t * kWidth + s * Ops::kLanes,
-                   Ops::load(base[s] + tap_offsets[t]), Ops::kLanes);
+        const float* source = base[s] + tap_offsets[t];
+        const typename Ops::Vec x =
+            partial && segments[s].lanes < Ops::kLanes
+                ? Ops::load_partial(source, segments[s].lanes)
+                : Ops::load(source);
+        Ops::store(panel + t * kWidth + s * Ops::kLanes, x, Ops::kLanes);
       }
     }
     for (int s = 0; s < kTile; ++s) base[s] = panel + s * Ops::kLanes;
@@ -175,7 +182,8 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
-  const bool pack = args.pack_inputs && block_end - block_begin > 1;
+  const bool pack =
+      args.raw_input || (args.pack_inputs && block_end - block_begin > 1);
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
@@ -184,7 +192,8 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
     if (group != prepared_group) {
       inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, &panel);
+                     args.taps, segments, group, pack, args.raw_input,
+                     &panel);
       prepared_group = group;
     }
 
@@ -237,7 +246,8 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
-  const bool pack = args.pack_inputs && block_end - block_begin > 1;
+  const bool pack =
+      args.raw_input || (args.pack_inputs && block_end - block_begin > 1);
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
@@ -246,7 +256,8 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
     if (group != prepared_group) {
       inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, &panel);
+                     args.taps, segments, group, pack, args.raw_input,
+                     &panel);
       prepared_group = group;
     }
 

@@ -59,6 +59,7 @@ struct DenseKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
+  bool raw_input;                // unprepared input (flat 1x1 plans)
 };
 
 struct LookupKernelArgs {
@@ -77,6 +78,7 @@ struct LookupKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
+  bool raw_input;                // unprepared input (flat 1x1 plans)
 };
 
 // Winograd F(4x4, 3x3) for 3x3 stride-1 convs without groups or dilation

@@ -13,6 +13,9 @@ struct Ops {
   static Vec zero() { return 0.0f; }
   static Vec set1(float v) { return v; }
   static Vec load(const float* p) { return *p; }
+  static Vec load_partial(const float* p, int lanes) {
+    return lanes > 0 ? *p : 0.0f;
+  }
   static Vec add(Vec a, Vec b) { return a + b; }
   static Vec sub(Vec a, Vec b) { return a - b; }
   static Vec mul(Vec a, Vec b) { return a * b; }

@@ -14,6 +14,13 @@ struct Ops {
   static Vec zero() { return vdupq_n_f32(0.0f); }
   static Vec set1(float v) { return vdupq_n_f32(v); }
   static Vec load(const float* p) { return vld1q_f32(p); }
+  // Loads the first `lanes` floats and zeros the rest; reads nothing past
+  // p + lanes.
+  static Vec load_partial(const float* p, int lanes) {
+    float tmp[kLanes] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < lanes; ++i) tmp[i] = p[i];
+    return vld1q_f32(tmp);
+  }
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec sub(Vec a, Vec b) { return vsubq_f32(a, b); }
   static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }

@@ -14,6 +14,13 @@ struct Ops {
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float v) { return _mm256_set1_ps(v); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  // Loads the first `lanes` floats and zeros the rest; reads nothing past
+  // p + lanes.
+  static Vec load_partial(const float* p, int lanes) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    return _mm256_maskload_ps(p, mask);
+  }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
