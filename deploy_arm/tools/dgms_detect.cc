@@ -1,8 +1,8 @@
 // dgms_detect: run a packed detector on one image and print detections.
 //
 //   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
-//               [--repeat R] [--warmup W] [--profile]
-//               [--dense-algorithm auto|direct]
+//               [--dump-input tensor.bin] [--repeat R] [--warmup W]
+//               [--profile] [--dense-algorithm auto|direct]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -12,13 +12,20 @@
 // reports the median and minimum latency on stderr; --profile prints the
 // main graph's time per operator kind (one more run) on stderr.
 // --dense-algorithm direct turns Winograd off for the full-precision 3x3
-// stride-1 layers (ModelOptions::dense_algorithm).
+// stride-1 layers (ModelOptions::dense_algorithm). --dump-input writes the
+// network input (after resizing, channel order, normalisation and padding)
+// as a tensor file before detection runs.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -123,6 +130,70 @@ Status load_tensor(const std::vector<uint8_t>& d, const std::string& path,
   return Status::Ok();
 }
 
+void put32(std::vector<uint8_t>* out, uint32_t v) {
+  for (int shift = 0; shift < 32; shift += 8)
+    out->push_back(uint8_t((v >> shift) & 0xff));
+}
+
+// Serialises a (1, 3, H, W) tensor and its image geometry in the layout
+// that load_tensor reads. Floats and doubles are copied in host byte order,
+// as load_tensor reads them, which is little-endian on x86-64 and AArch64.
+std::vector<uint8_t> encode_tensor(const dgms_rt::Tensor& tensor,
+                                   const dgms_rt::ImageInfo& info) {
+  std::vector<uint8_t> out(std::begin("DGMSTENS"), std::end("DGMSTENS") - 1);
+  put32(&out, 1);
+  for (size_t i = 1; i < 4; ++i) put32(&out, uint32_t(tensor.shape[i]));
+  put32(&out, uint32_t(info.img_height));
+  put32(&out, uint32_t(info.img_width));
+  const double scales[2] = {info.scale_w, info.scale_h};
+  const size_t header = out.size();
+  out.resize(header + sizeof(scales) + 4 * tensor.data.size());
+  std::memcpy(out.data() + header, scales, sizeof(scales));
+  std::memcpy(out.data() + header + sizeof(scales), tensor.data.data(),
+              4 * tensor.data.size());
+  return out;
+}
+
+// Writes data to a new file beside path, flushes it to disk and renames it
+// to path, so that path is either replaced whole or left as it was. On any
+// failure the temporary file is removed and the error names the file.
+Status write_file_atomically(const std::string& path, const void* data,
+                             size_t size) {
+  const std::string tmp = path + ".tmp" + std::to_string(getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+                        0666);
+  if (fd < 0) {
+    const int code = errno;
+    std::string message = "cannot create " + tmp +
+                          ", the temporary file for " + path + ": " +
+                          std::strerror(code);
+    if (code == ENOENT || code == EACCES)
+      message += " (check that the folder exists and is writable)";
+    return invalid(message);
+  }
+  const char* bytes = static_cast<const char*>(data);
+  size_t written = 0;
+  std::string error;
+  while (written < size && error.empty()) {
+    const ssize_t n = ::write(fd, bytes + written, size - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) error = std::strerror(n < 0 ? errno : EIO);
+    else written += size_t(n);
+  }
+  if (error.empty() && ::fsync(fd) != 0) error = std::strerror(errno);
+  if (::close(fd) != 0 && error.empty()) error = std::strerror(errno);
+  if (!error.empty()) {
+    std::remove(tmp.c_str());
+    return invalid("cannot write " + tmp + ": " + error);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    error = std::strerror(errno);
+    std::remove(tmp.c_str());
+    return invalid("cannot rename " + tmp + " to " + path + ": " + error);
+  }
+  return Status::Ok();
+}
+
 std::string json_string(const std::string& s) {
   std::string out = "\"";
   for (char c : s) {
@@ -150,8 +221,12 @@ int usage() {
   std::fprintf(stderr,
                "usage: dgms_detect MODEL.dgms INPUT [--threads N] "
                "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
-               "                   [--dense-algorithm auto|direct]\n"
+               "                   [--dense-algorithm auto|direct] "
+               "[--dump-input tensor.bin]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
+               "--dump-input: write the preprocessed network input (resized, "
+               "normalised, padded)\n"
+               "  to this file as a DGMSTENS tensor file\n"
                "--dense-algorithm: how full-precision 3x3 stride-1 layers "
                "run: auto (Winograd\n"
                "  where faster, default) or direct (no Winograd, 4x less "
@@ -170,7 +245,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional;
   int threads = 1, repeat = 0, warmup = 1;
   bool profile = false;
-  std::string output;
+  std::string output, dump_input;
   dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -196,6 +271,7 @@ int main(int argc, char** argv) {
     else if (arg == "--repeat") repeat = integer("--repeat", 0, 100000);
     else if (arg == "--warmup") warmup = integer("--warmup", 0, 100000);
     else if (arg == "--output") output = value("--output");
+    else if (arg == "--dump-input") dump_input = value("--dump-input");
     else if (arg == "--profile") profile = true;
     else if (arg == "--dense-algorithm") {
       const std::string name = value("--dense-algorithm");
@@ -218,6 +294,11 @@ int main(int argc, char** argv) {
     }
   }
   if (positional.size() != 2) return usage();
+  if (!output.empty() && output == dump_input) {
+    std::fprintf(stderr, "dgms_detect: --output and --dump-input are both "
+                 "'%s'; give them different files\n", output.c_str());
+    return 2;
+  }
 
   dgms_rt::ModelOptions options;
   options.threads = threads;
@@ -244,6 +325,11 @@ int main(int argc, char** argv) {
                 "DGMSTENS tensor file");
   }
   if (!s.ok()) return fail(s);
+  if (!dump_input.empty()) {
+    const std::vector<uint8_t> bytes = encode_tensor(tensor, info);
+    s = write_file_atomically(dump_input, bytes.data(), bytes.size());
+    if (!s.ok()) return fail(s);
+  }
 
   std::vector<std::vector<dgms_rt::Detection>> dets;
   for (int i = 0; i < (repeat > 0 ? warmup : 0); ++i) {
@@ -310,17 +396,7 @@ int main(int argc, char** argv) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     return 0;
   }
-  // Atomic write: a temporary file beside the target, then rename.
-  const std::string tmp = output + ".tmp";
-  {
-    std::ofstream file(tmp, std::ios::binary | std::ios::trunc);
-    if (!file || !file.write(text.data(), std::streamsize(text.size())) ||
-        !file.flush())
-      return fail(invalid("cannot write " + tmp));
-  }
-  if (std::rename(tmp.c_str(), output.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    return fail(invalid("cannot rename " + tmp + " to " + output));
-  }
+  s = write_file_atomically(output, text.data(), text.size());
+  if (!s.ok()) return fail(s);
   return 0;
 }

@@ -100,9 +100,9 @@ class Model {
 // Resizes, normalises and pads an 8-bit RGB image (height x width x 3,
 // row-major, as a binary PPM stores it) as META `preprocess` says, into a
 // (1, 3, H, W) tensor; fills info with the resized size and scale factors.
-// Resizing is bilinear with half-pixel centres (OpenCV's INTER_LINEAR
-// without its fixed-point rounding), so inputs differ from MMDetection's
-// cv2 pipeline by small amounts.
+// Resizing is bilinear with half-pixel centres in OpenCV's fixed-point
+// arithmetic (cv::resize with INTER_LINEAR on 8-bit images), so the tensor
+// equals the one MMDetection's cv2 pipeline makes from the same pixels.
 Status preprocess_rgb_image(const PreprocessSettings& settings,
                             const uint8_t* rgb, int64_t height, int64_t width,
                             Tensor* out, ImageInfo* info);

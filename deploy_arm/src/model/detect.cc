@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <utility>
+#include <vector>
 
 #include "candidates.h"
 #include "dgms_rt/model.h"
@@ -490,6 +492,68 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
   return Status::Ok();
 }
 
+namespace {
+
+// Bilinear resizing of 8-bit images in the fixed-point arithmetic of
+// OpenCV's cv::resize with INTER_LINEAR on CV_8U images (HResizeLinear and
+// VResizeLinear in modules/imgproc/src/resize.cpp). The weights have 11
+// fractional bits, the horizontal pass writes int32 rows, and the vertical
+// pass truncates before it rounds. test_ppm_input_matches_mmdet_pipeline
+// checks the result against opencv-python 5.1.0 bit for bit.
+constexpr int kResizeWeightBits = 11;
+constexpr float kResizeWeightScale = float(1 << kResizeWeightBits);
+
+// Source indices and fixed-point weights of one output row or column.
+struct ResizeTap {
+  int64_t index0 = 0, index1 = 0;
+  int32_t weight0 = 0, weight1 = 0;
+};
+
+// Computes the taps of a resize from src_size to dst_size samples with
+// half-pixel centres. Positions and fractions are float, as in OpenCV.
+// With reset_outside (OpenCV's columns), a position outside
+// [0, src_size - 1] moves to the nearest edge with fraction 0. Without it
+// (OpenCV's rows), only the two indices are clamped.
+std::vector<ResizeTap> resize_taps(int64_t src_size, int64_t dst_size,
+                                   bool reset_outside) {
+  const double scale = 1.0 / (double(dst_size) / double(src_size));
+  std::vector<ResizeTap> taps(static_cast<size_t>(dst_size));
+  for (int64_t d = 0; d < dst_size; ++d) {
+    float fraction = float((double(d) + 0.5) * scale - 0.5);
+    int64_t index = int64_t(std::floor(fraction));
+    fraction -= float(index);
+    if (reset_outside && index < 0) {
+      index = 0;
+      fraction = 0;
+    }
+    if (reset_outside && index >= src_size - 1) {
+      index = src_size - 1;
+      fraction = 0;
+    }
+    ResizeTap& tap = taps[size_t(d)];
+    tap.index0 = std::min(std::max<int64_t>(index, 0), src_size - 1);
+    tap.index1 = std::min(std::max<int64_t>(index + 1, 0), src_size - 1);
+    // std::lrint rounds half to even in the default rounding mode, as
+    // OpenCV's cvRound does.
+    tap.weight0 = int32_t(std::lrint((1.0f - fraction) * kResizeWeightScale));
+    tap.weight1 = int32_t(std::lrint(fraction * kResizeWeightScale));
+  }
+  return taps;
+}
+
+// Horizontal pass of one source row: 3 channels per output column, each
+// the weighted sum of two samples in units of 1 / 2048.
+void resize_row(const uint8_t* row, const std::vector<ResizeTap>& taps,
+                int32_t* out) {
+  for (size_t x = 0; x < taps.size(); ++x)
+    for (int c = 0; c < 3; ++c)
+      out[3 * x + size_t(c)] =
+          int32_t(row[3 * taps[x].index0 + c]) * taps[x].weight0 +
+          int32_t(row[3 * taps[x].index1 + c]) * taps[x].weight1;
+}
+
+}  // namespace
+
 Status preprocess_rgb_image(const PreprocessSettings& p, const uint8_t* rgb,
                             int64_t height, int64_t width, Tensor* out,
                             ImageInfo* info) {
@@ -526,39 +590,46 @@ Status preprocess_rgb_image(const PreprocessSettings& p, const uint8_t* rgb,
   const int64_t pad_w = (new_w + div - 1) / div * div;
   out->shape = {1, 3, pad_h, pad_w};
   out->data.assign(size_t(3 * pad_h * pad_w), p.pad_value);
-  const double fy = double(height) / double(new_h);
-  const double fx = double(width) / double(new_w);
-  std::vector<int64_t> x0(static_cast<size_t>(new_w)), x1(static_cast<size_t>(new_w));
-  std::vector<float> ax(static_cast<size_t>(new_w));
-  for (int64_t x = 0; x < new_w; ++x) {
-    double src = (double(x) + 0.5) * fx - 0.5;
-    if (src < 0) src = 0;
-    const int64_t i0 = std::min(int64_t(src), width - 1);
-    x0[size_t(x)] = i0;
-    x1[size_t(x)] = std::min(i0 + 1, width - 1);
-    ax[size_t(x)] = float(src - double(i0));
-  }
+
+  const std::vector<ResizeTap> columns = resize_taps(width, new_w, true);
+  const std::vector<ResizeTap> rows = resize_taps(height, new_h, false);
+  // Horizontal passes of the top (0) and bottom (1) source rows of the
+  // current output row. Consecutive output rows share source rows, so a
+  // pass is reused or moved from bottom to top before one is computed.
+  std::vector<int32_t> passes[2] = {std::vector<int32_t>(size_t(3 * new_w)),
+                                    std::vector<int32_t>(size_t(3 * new_w))};
+  int64_t pass_row[2] = {-1, -1};
+  const size_t plane = size_t(pad_h * pad_w);
   for (int64_t y = 0; y < new_h; ++y) {
-    double src = (double(y) + 0.5) * fy - 0.5;
-    if (src < 0) src = 0;
-    const int64_t y0 = std::min(int64_t(src), height - 1);
-    const int64_t y1 = std::min(y0 + 1, height - 1);
-    const float ay = float(src - double(y0));
+    const ResizeTap& tap = rows[size_t(y)];
+    if (pass_row[0] != tap.index0) {
+      if (pass_row[1] == tap.index0) {
+        std::swap(passes[0], passes[1]);
+        std::swap(pass_row[0], pass_row[1]);
+      } else {
+        resize_row(rgb + tap.index0 * width * 3, columns, passes[0].data());
+        pass_row[0] = tap.index0;
+      }
+    }
+    if (pass_row[1] != tap.index1) {
+      resize_row(rgb + tap.index1 * width * 3, columns, passes[1].data());
+      pass_row[1] = tap.index1;
+    }
+    const int32_t* top = passes[0].data();
+    const int32_t* bottom = passes[1].data();
     for (int64_t x = 0; x < new_w; ++x)
       for (int c = 0; c < 3; ++c) {
-        auto at = [&](int64_t yy, int64_t xx) {
-          return float(rgb[(yy * width + xx) * 3 + c]);
-        };
-        const float top = at(y0, x0[size_t(x)]) * (1 - ax[size_t(x)]) +
-                          at(y0, x1[size_t(x)]) * ax[size_t(x)];
-        const float bottom = at(y1, x0[size_t(x)]) * (1 - ax[size_t(x)]) +
-                             at(y1, x1[size_t(x)]) * ax[size_t(x)];
-        // The resized image is 8-bit, as cv2.resize returns it.
-        const float value = std::round(top * (1 - ay) + bottom * ay);
+        const size_t i = size_t(3 * x + c);
+        // OpenCV's vertical pass for 8-bit output: drop 4 bits of each
+        // row sum, multiply by the 11-bit weight, drop 16 bits, then round
+        // the sum to 8 bits (22 fractional bits in all).
+        const int32_t sum = ((tap.weight0 * (top[i] >> 4)) >> 16) +
+                            ((tap.weight1 * (bottom[i] >> 4)) >> 16);
+        const float value = float(std::min((sum + 2) >> 2, 255));
         // A PPM is RGB; the model's channel order is RGB when bgr_to_rgb
         // (MMDetection loads BGR and swaps), else BGR.
         const int channel = p.bgr_to_rgb ? c : 2 - c;
-        out->data[size_t((channel * pad_h + y) * pad_w + x)] =
+        out->data[size_t(channel) * plane + size_t(y * pad_w + x)] =
             (value - p.mean[channel]) / p.std[channel];
       }
   }
