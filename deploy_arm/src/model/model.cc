@@ -8,6 +8,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <mutex>
 
 #include "loader.h"
 #include "ops.h"
@@ -62,6 +63,16 @@ class BufferPool {
     buffer->clear();
   }
 
+  // Moves all free buffers to or from `other` (appending).
+  void adopt(std::vector<std::vector<float>>* other) {
+    for (auto& buffer : *other) free_.push_back(std::move(buffer));
+    other->clear();
+  }
+  void release(std::vector<std::vector<float>>* other) {
+    for (auto& buffer : free_) other->push_back(std::move(buffer));
+    free_.clear();
+  }
+
  private:
   std::vector<std::vector<float>> free_;
 };
@@ -114,6 +125,26 @@ class ModelImpl {
   std::vector<BuiltConv> convs;
   std::unique_ptr<ThreadPool> pool;
   DenseHeadSettings head;
+
+  // Buffers of the last graph run, reused by the next one, so that runs
+  // after the first neither page-fault nor zero-fill their intermediate
+  // tensors (about 10 ms per run on the 416 x 416 demo detector). Runs in
+  // parallel each take what is there; the cache keeps about the peak
+  // activation memory of one run between runs.
+  mutable std::mutex cache_mutex;
+  mutable std::vector<std::vector<float>> cached_buffers;
+
+  // Returns the buffers of graph outputs that the caller no longer needs
+  // to the cache.
+  void recycle(std::vector<std::pair<std::string, Tensor>>* outputs) const {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    for (auto& output : *outputs) {
+      if (output.second.data.capacity() > 0) {
+        cached_buffers.push_back(std::move(output.second.data));
+      }
+    }
+    outputs->clear();
+  }
 
   Status build(const ModelOptions& options) {
     pool.reset(new ThreadPool(options.threads));
@@ -449,6 +480,10 @@ class ModelImpl {
       values[size_t(graph.inputs[i])] = t;
     }
     BufferPool buffers;
+    {
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      buffers.adopt(&cached_buffers);
+    }
     for (size_t i = 0; i < graph.nodes.size(); ++i) {
       const NodeData& node = graph.nodes[i];
       // An input dies here when this node is its last reader (graph
@@ -492,6 +527,8 @@ class ModelImpl {
         outputs->emplace_back(o.first, std::move(value));
       }
     }
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    buffers.release(&cached_buffers);
     return Status::Ok();
   }
 };
@@ -586,6 +623,7 @@ Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
                                rescale, &(*detections)[b]);
     if (!s.ok()) return s;
   }
+  impl_->recycle(&outputs);
   return Status::Ok();
 }
 
