@@ -531,6 +531,36 @@ def test_ppm_input_matches_mmdet_pipeline(packed, tree_data, detect_binary,
                            score_tol=1e-4)
 
 
+def test_outputs_never_overwrite_inputs(packed, tensor_file, detect_binary,
+                                       tmp_path):
+    """--output or --dump-input naming the model or the input is an error
+    that leaves both intact, and a folder as the model or the input is an
+    error, not a crash."""
+    _, _, path = packed
+    model = tmp_path / 'model.dgms'
+    model.write_bytes(path.read_bytes())
+    image = tmp_path / 'image.tens'
+    image.write_bytes(tensor_file[0].read_bytes())
+    base = [str(detect_binary), str(model), str(image)]
+    for option in ('--output', '--dump-input'):
+        for target, spelled in ((model, model),
+                                (image, tmp_path / '.' / 'image.tens')):
+            proc = detections_of(base + [option, str(spelled)])
+            assert proc.returncode == 1, (option, target, proc.stderr)
+            assert 'that this run reads' in proc.stderr, proc.stderr
+    assert model.read_bytes() == path.read_bytes()
+    assert image.read_bytes() == tensor_file[0].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'image.tens', 'model.dgms']
+
+    for args, kind in (([str(tmp_path), str(image)], 'packed .dgms file'),
+                       ([str(model), str(tmp_path)], 'image or tensor file')):
+        proc = detections_of([str(detect_binary)] + args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert 'is not a regular file' in proc.stderr, proc.stderr
+        assert kind in proc.stderr, proc.stderr
+
+
 def test_dump_input_rejects_bad_paths(packed, tensor_file, detect_binary,
                                       tmp_path):
     """A dump that cannot be written is an error and leaves no file."""
@@ -541,8 +571,8 @@ def test_dump_input_rejects_bad_paths(packed, tensor_file, detect_binary,
     (folder / 'kept.txt').write_text('kept')
     cases = {
         'missing folder': (tmp_path / 'missing' / 'input.bin',
-                           'cannot create'),
-        'existing folder': (folder, 'cannot rename'),
+                           'does not exist'),
+        'existing folder': (folder, 'is a folder'),
     }
     for name, (target, message) in cases.items():
         proc = detections_of(base + ['--dump-input', str(target)])
@@ -558,6 +588,13 @@ def test_dump_input_rejects_bad_paths(packed, tensor_file, detect_binary,
                                  str(same)])
     assert proc.returncode == 2, proc.stderr
     assert 'different files' in proc.stderr
+    assert not same.exists()
+    # The same file through another spelling of its path.
+    spelled = tmp_path / 'folder' / '..' / 'out.json'
+    proc = detections_of(base + ['--dump-input', str(same), '--output',
+                                 str(spelled)])
+    assert proc.returncode == 2, proc.stderr
+    assert 'same file' in proc.stderr
     assert not same.exists()
 
     # A tensor file dumps unchanged, beside the detections of --output,

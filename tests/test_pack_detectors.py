@@ -202,6 +202,19 @@ def test_pack_rejects_full_precision_checkpoint(checkpoints, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize('content', ['text', 'truncated'])
+def test_pack_rejects_unreadable_checkpoint(checkpoints, tmp_path, content):
+    config, checkpoint = checkpoints['retinanet', 4]
+    bad = tmp_path / 'bad.pth'
+    if content == 'text':
+        bad.write_text('not a checkpoint\n')
+    else:
+        bad.write_bytes(checkpoint.read_bytes()[:100000])
+    with pytest.raises(PackError, match='cannot be read as a PyTorch '
+                       'checkpoint'):
+        load_dgms_detector(str(config), str(bad))
+
+
 def test_pack_rejects_plain_config(checkpoints):
     config, _ = checkpoints['retinanet', 'fp']
     _, checkpoint = checkpoints['retinanet', 4]

@@ -16,6 +16,8 @@
 // network input (after resizing, channel order, normalisation and padding)
 // as a tensor file before detection runs.
 #include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,10 +45,59 @@ Status invalid(const std::string& message) {
 }
 
 Status read_file(const std::string& path, std::vector<uint8_t>* out) {
+  struct stat info;
+  if (::stat(path.c_str(), &info) == 0 && !S_ISREG(info.st_mode))
+    return invalid(path + " is not a regular file (a folder?): give the "
+                   "path of an image or tensor file");
   std::ifstream file(path, std::ios::binary);
   if (!file) return invalid("cannot open " + path + ": check the path");
   out->assign(std::istreambuf_iterator<char>(file),
               std::istreambuf_iterator<char>());
+  return Status::Ok();
+}
+
+// Returns the absolute path of an existing file, or "" when it has none.
+std::string resolved_path(const std::string& path) {
+  char buffer[PATH_MAX];
+  return ::realpath(path.c_str(), buffer) != nullptr ? std::string(buffer)
+                                                     : std::string();
+}
+
+// Checks an output path (`option` names it in messages) before any work:
+// its folder must exist and be writable, it must not be a folder, and it
+// must not be the model, the input or the other output. *target gets the
+// resolved path, so "./a.json" and "a.json" compare equal.
+Status check_output_path(const char* option, const std::string& path,
+                         const std::vector<std::string>& inputs,
+                         std::string* target) {
+  const size_t slash = path.find_last_of('/');
+  const std::string folder =
+      slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const std::string name =
+      slash == std::string::npos ? path : path.substr(slash + 1);
+  const std::string resolved_folder = resolved_path(folder);
+  if (name.empty() || name == "." || name == "..")
+    return invalid(std::string(option) + " '" + path +
+                   "' names a folder: give a file path");
+  if (resolved_folder.empty())
+    return invalid(std::string(option) + " '" + path + "': the folder " +
+                   folder + " does not exist");
+  if (::access(resolved_folder.c_str(), W_OK) != 0)
+    return invalid(std::string(option) + " '" + path + "': the folder " +
+                   folder + " is not writable");
+  *target = resolved_folder + "/" + name;
+  const std::string existing = resolved_path(*target);
+  struct stat info;
+  if (!existing.empty() && ::stat(existing.c_str(), &info) == 0 &&
+      S_ISDIR(info.st_mode))
+    return invalid(std::string(option) + " '" + path +
+                   "' is a folder: give a file path");
+  if (!existing.empty()) *target = existing;
+  for (const std::string& input : inputs) {
+    if (!input.empty() && resolved_path(input) == *target)
+      return invalid(std::string(option) + " '" + path + "' is the file " +
+                     input + " that this run reads: give another path");
+  }
   return Status::Ok();
 }
 
@@ -294,9 +345,23 @@ int main(int argc, char** argv) {
     }
   }
   if (positional.size() != 2) return usage();
-  if (!output.empty() && output == dump_input) {
-    std::fprintf(stderr, "dgms_detect: --output and --dump-input are both "
-                 "'%s'; give them different files\n", output.c_str());
+  // Output paths are checked before any work, so a bad one neither
+  // overwrites an input nor leaves the other output behind.
+  std::string output_target, dump_target;
+  if (!output.empty()) {
+    Status s = check_output_path("--output", output, positional,
+                                 &output_target);
+    if (!s.ok()) return fail(s);
+  }
+  if (!dump_input.empty()) {
+    Status s = check_output_path("--dump-input", dump_input, positional,
+                                 &dump_target);
+    if (!s.ok()) return fail(s);
+  }
+  if (!output.empty() && output_target == dump_target) {
+    std::fprintf(stderr, "dgms_detect: --output '%s' and --dump-input '%s' "
+                 "are the same file; give them different files\n",
+                 output.c_str(), dump_input.c_str());
     return 2;
   }
 

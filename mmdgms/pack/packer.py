@@ -1,6 +1,7 @@
 """Pack a DGMS-trained MMDetection detector, and load packed files back."""
 import copy
 import os.path as osp
+import pickle
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -118,8 +119,18 @@ def load_dgms_detector(config_path: str, checkpoint_path: str):
         hook = HOOKS.build(_find_dgms_hook(cfg, config_path))
         convert_model(model, hook.dgms_cfg)
 
-    checkpoint = torch.load(checkpoint_path, map_location='cpu',
-                            weights_only=True)
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location='cpu',
+                                weights_only=True)
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError,
+            pickle.UnpicklingError) as error:
+        # torch's own message for a file it cannot unpickle suggests
+        # weights_only=False, which would run arbitrary code from the file.
+        raise PackError(
+            f'{checkpoint_path} cannot be read as a PyTorch checkpoint '
+            f'({type(error).__name__}: {str(error).splitlines()[0]}). It '
+            'is truncated or not a checkpoint: use the .pth file that '
+            'tools/train.py wrote') from error
     state = checkpoint.get('state_dict', checkpoint) if isinstance(
         checkpoint, dict) else None
     if not isinstance(state, dict):

@@ -2,6 +2,8 @@
 // graphs (NCHW float32), then the detection post-processing.
 #include "dgms_rt/model.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -554,6 +556,10 @@ Status Model::load_buffer(const uint8_t* data, size_t size,
 
 Status Model::load_file(const std::string& path, const ModelOptions& options,
                         std::unique_ptr<Model>* out) {
+  struct stat info;
+  if (::stat(path.c_str(), &info) == 0 && !S_ISREG(info.st_mode))
+    return invalid(path + " is not a regular file (a folder?): give the "
+                   "path of a packed .dgms file");
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file)
     return invalid("cannot open " + path + ": check the path");
