@@ -531,6 +531,24 @@ def test_ppm_input_matches_mmdet_pipeline(packed, tree_data, detect_binary,
                            score_tol=1e-4)
 
 
+def test_cli_usage(detect_binary):
+    """--help prints the usage on stdout and succeeds; a wrong argument
+    count or value is an error that says what was expected."""
+    proc = subprocess.run([str(detect_binary), '--help'], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('usage: dgms_detect'), proc.stdout
+    proc = subprocess.run([str(detect_binary), 'model.dgms'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert 'expected two arguments, MODEL.dgms and INPUT, got 1' in \
+        proc.stderr
+    proc = subprocess.run([str(detect_binary), 'm.dgms', 'i.ppm', '--repeat',
+                           '0'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--repeat is '0'" in proc.stderr
+
+
 def test_outputs_never_overwrite_inputs(packed, tensor_file, detect_binary,
                                        tmp_path):
     """--output or --dump-input naming the model or the input is an error

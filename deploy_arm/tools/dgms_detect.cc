@@ -268,13 +268,18 @@ std::string number(double v) {
   return buf;
 }
 
-int usage() {
-  std::fprintf(stderr,
+// Prints the usage to `stream`; returns `code`, the exit status.
+int usage(FILE* stream = stderr, int code = 2) {
+  std::fprintf(stream,
                "usage: dgms_detect MODEL.dgms INPUT [--threads N] "
                "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
                "                   [--dense-algorithm auto|direct] "
                "[--dump-input tensor.bin]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
+               "--threads: conv threads (default 1); --repeat: time R "
+               "detect runs after W\n"
+               "  warm-up runs (default W 1); --profile: time per operator "
+               "kind of one run\n"
                "--dump-input: write the preprocessed network input (resized, "
                "normalised, padded)\n"
                "  to this file as a DGMSTENS tensor file\n"
@@ -282,7 +287,7 @@ int usage() {
                "run: auto (Winograd\n"
                "  where faster, default) or direct (no Winograd, 4x less "
                "filter memory)\n");
-  return 2;
+  return code;
 }
 
 int fail(const Status& s) {
@@ -319,7 +324,7 @@ int main(int argc, char** argv) {
       return int(v);
     };
     if (arg == "--threads") threads = integer("--threads", 1, 256);
-    else if (arg == "--repeat") repeat = integer("--repeat", 0, 100000);
+    else if (arg == "--repeat") repeat = integer("--repeat", 1, 100000);
     else if (arg == "--warmup") warmup = integer("--warmup", 0, 100000);
     else if (arg == "--output") output = value("--output");
     else if (arg == "--dump-input") dump_input = value("--dump-input");
@@ -336,7 +341,7 @@ int main(int argc, char** argv) {
         return 2;
       }
     }
-    else if (arg == "-h" || arg == "--help") return usage();
+    else if (arg == "-h" || arg == "--help") return usage(stdout, 0);
     else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "dgms_detect: unknown option %s\n", arg.c_str());
       return usage();
@@ -344,7 +349,11 @@ int main(int argc, char** argv) {
       positional.push_back(arg);
     }
   }
-  if (positional.size() != 2) return usage();
+  if (positional.size() != 2) {
+    std::fprintf(stderr, "dgms_detect: expected two arguments, MODEL.dgms "
+                 "and INPUT, got %zu\n", positional.size());
+    return usage();
+  }
   // Output paths are checked before any work, so a bad one neither
   // overwrites an input nor leaves the other output behind.
   std::string output_target, dump_target;
