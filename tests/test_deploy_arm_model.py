@@ -533,7 +533,7 @@ def test_ppm_input_matches_mmdet_pipeline(packed, tree_data, detect_binary,
 
 def test_cli_usage(detect_binary):
     """--help prints the usage on stdout and succeeds; a wrong argument
-    count or value is an error that says what was expected."""
+    count or value is an error that names what was expected."""
     proc = subprocess.run([str(detect_binary), '--help'], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

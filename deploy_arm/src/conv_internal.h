@@ -138,4 +138,38 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
 void run_parallel(ThreadPool* pool, int64_t count,
                   const std::function<void(int64_t)>& fn);
 
+// Runs a dense-style kernel (dense or lookup) on a plan marked raw_input
+// that is not Winograd. A flat plan reads the unprepared input directly
+// through `blocked`; any other plan runs `single` one group at a time (see
+// run_per_group). args describes the layer with a null input.
+template <class Args>
+void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
+                         const float* input, Args args,
+                         int64_t blocks_per_group, int64_t out_block,
+                         void (*blocked)(const Args&, int64_t, int64_t,
+                                         int64_t),
+                         void (*single)(const Args&, int64_t, int64_t,
+                                        int64_t),
+                         ThreadPool* pool) {
+  if (plan.flat) {
+    args.input = input;
+    args.group_input_stride =
+        (g.in_channels / g.groups) * plan.height * plan.width;
+    args.raw_input = true;
+    run_blocked(pool, g.groups * blocks_per_group, args.taps * out_block,
+                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
+                  blocked(args, tile, begin, end);
+                });
+    return;
+  }
+  run_per_group(g, plan, input, pool,
+                [&](const float* prepared, int64_t group, int64_t tile) {
+                  Args group_args = args;
+                  group_args.input = prepared;
+                  group_args.group_input_stride = 0;
+                  single(group_args, tile, group * blocks_per_group,
+                         (group + 1) * blocks_per_group);
+                });
+}
+
 }  // namespace dgms_rt

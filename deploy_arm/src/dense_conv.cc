@@ -272,29 +272,9 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
-  if (plan.flat) {
-    const ConvGeometry& g = geometry_;
-    const ConvWeights& w = *weights_;
-    detail::DenseKernelArgs args = dense_args(plan, input, output);
-    args.group_input_stride =
-        (g.in_channels / g.groups) * plan.height * plan.width;
-    args.raw_input = true;
-    run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
-                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
-                  kernels.dense(args, tile, begin, end);
-                });
-    return;
-  }
-  const detail::DenseKernelArgs shared = dense_args(plan, nullptr, output);
-  const int64_t blocks = weights_->blocks_per_group;
-  run_per_group(geometry_, plan, input, pool,
-                [&](const float* prepared, int64_t group, int64_t tile) {
-                  detail::DenseKernelArgs args = shared;
-                  args.input = prepared;
-                  args.group_input_stride = 0;
-                  kernels.dense_single(args, tile, group * blocks,
-                                       (group + 1) * blocks);
-                });
+  run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output),
+                      weights_->blocks_per_group, weights_->out_block,
+                      kernels.dense, kernels.dense_single, pool);
 }
 
 void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,

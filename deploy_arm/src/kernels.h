@@ -137,13 +137,14 @@ struct KernelTable {
                  int64_t block_begin, int64_t block_end);
   void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
                         int64_t block_begin, int64_t block_end);
-  // Winograd: transforms input channel c into args.v; scratch holds
-  // (4 * tiles_y + 2) * 4 * phase_w floats.
+  // Winograd: transforms input channel c into args.v. scratch has room
+  // for (4 * tiles_y + 2) * 4 * phase_w floats.
   void (*winograd_input)(const WinogradArgs& args, int64_t c, float* scratch);
   // Winograd: products and output transform of the tile blocks
   // [block_begin, block_end) for the output-channel blocks
-  // [ob_begin, ob_end); scratch holds 36 * (block_end - block_begin) *
-  // (ob_end - ob_begin) * dense_out_block * block_tiles floats.
+  // [ob_begin, ob_end). scratch has room for 36 * (block_end -
+  // block_begin) * (ob_end - ob_begin) * dense_out_block * block_tiles
+  // floats.
   void (*winograd_block)(const WinogradArgs& args, int64_t block_begin,
                          int64_t block_end, int64_t ob_begin, int64_t ob_end,
                          float* scratch);

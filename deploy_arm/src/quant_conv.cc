@@ -320,29 +320,10 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
 void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               float* output, ThreadPool* pool) const {
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
-  if (plan.flat) {
-    const ConvGeometry& g = geometry_;
-    const ConvWeights& w = *weights_;
-    detail::LookupKernelArgs args = lookup_args(plan, input, output);
-    args.group_input_stride =
-        (g.in_channels / g.groups) * plan.height * plan.width;
-    args.raw_input = true;
-    run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
-                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
-                  kernels.lookup(args, tile, begin, end);
-                });
-    return;
-  }
-  const detail::LookupKernelArgs shared = lookup_args(plan, nullptr, output);
-  const int64_t blocks = weights_->blocks_per_group;
-  run_per_group(geometry_, plan, input, pool,
-                [&](const float* prepared, int64_t group, int64_t tile) {
-                  detail::LookupKernelArgs args = shared;
-                  args.input = prepared;
-                  args.group_input_stride = 0;
-                  kernels.lookup_single(args, tile, group * blocks,
-                                        (group + 1) * blocks);
-                });
+  run_raw_dense_style(geometry_, plan, input,
+                      lookup_args(plan, nullptr, output),
+                      weights_->blocks_per_group, weights_->out_block,
+                      kernels.lookup, kernels.lookup_single, pool);
 }
 
 void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,

@@ -53,9 +53,9 @@ inline void winograd_output_1d(const typename Ops::Vec m[6],
   r[3] = Ops::add(Ops::add(b, Ops::mul(Ops::set1(8.0f), d)), m[5]);
 }
 
-// Transforms every tile of input channel c into args.v. scratch holds
-// (4 * tiles_y + 2) * 4 * phase_w floats: the channel's zero-padded rows,
-// each split into 4 phases by column modulo 4, so that column 4 * tx + j
+// Transforms every tile of input channel c into args.v. scratch has room
+// for (4 * tiles_y + 2) * 4 * phase_w floats: the channel's zero-padded
+// rows, each split into 4 phases by column modulo 4. So column 4 * tx + j
 // of consecutive tiles tx is a run of consecutive floats. phase_w is
 // tiles_x + kLanes, so the loads of a row's last vector stay in the row.
 template <class Ops>
@@ -133,8 +133,9 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
 // output-channel blocks [ob_begin, ob_end). The 36 products run one
 // position xi at a time over all blocks and channels of the call. So the
 // filters of the channel chunk and the inputs of the block range stay in
-// cache while one position is done, and each is read once per call. scratch holds 36 * (block_end - block_begin) *
-// (ob_end - ob_begin) * kOutBlock * block_tiles floats for the products.
+// cache while one position is done, and each is read once per call.
+// scratch has room for 36 * (block_end - block_begin) *
+// (ob_end - ob_begin) * kOutBlock * block_tiles floats of products.
 template <class Ops, int kTile, int kOutBlock>
 void winograd_block(const WinogradArgs& args, int64_t block_begin,
                     int64_t block_end, int64_t ob_begin, int64_t ob_end,

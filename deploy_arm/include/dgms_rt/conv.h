@@ -121,7 +121,7 @@ const char* dense_algorithm_name(DenseAlgorithm algorithm);
 // A dense FP32 conv layer: y[o] = act(sum(weight * x) + bias[o]), or with
 // a scale y[o] = act(fma(sum(weight * x), scale[o], bias[o])), the fused
 // multiply-add rounded once (a folded BatchNorm that was not merged into
-// the weights). weights holds out_channels * (in_channels / groups) *
+// the weights). weights contains out_channels * (in_channels / groups) *
 // kernel_h * kernel_w floats in OIHW order. bias and scale may be null
 // (then their size must be 0).
 struct DenseConvDesc {
@@ -188,9 +188,9 @@ class Conv2d {
   // Runs the kernel over the prepared input.
   virtual void compute(const ConvPlan& plan, const float* prepared,
                        float* output, ThreadPool* pool) const = 0;
-  // Runs a plan marked `raw_input` on the unprepared NCHW input (Winograd,
-  // and depthwise layers that prepare one group at a time); only layers
-  // whose fill_plan() marks plans so override it.
+  // Runs a plan marked `raw_input` on the unprepared NCHW input: Winograd,
+  // flat 1x1 plans and depthwise layers that prepare one group at a time.
+  // Only layers whose fill_plan() marks plans so override it.
   virtual void compute_raw(const ConvPlan& plan, const float* input,
                            float* output, ThreadPool* pool) const;
 
@@ -252,10 +252,10 @@ class QuantConv2d : public Conv2d {
 // F(4x4, 3x3), which needs 36 instead of 144 multiply-adds per 16 outputs
 // and input channel, at the cost of 4x the weight memory (the transformed
 // filters) and a larger rounding error (see docs/deploy_arm.md).
-// DenseAlgorithm::kAuto uses it for such layers on input shapes where the
-// tiles fill the vectors well (most lanes of a tile row used) and at least
-// one tile block, and the direct kernel elsewhere; kWinograd uses it for
-// every shape and is rejected for other geometries; kDirect never uses it.
+// DenseAlgorithm::kAuto uses it for such layers when the output has at
+// least half a tile block of 4x4 tiles and both channel counts are at
+// least 8, and the direct kernel elsewhere. kWinograd uses it for every
+// shape and is rejected for other geometries. kDirect never uses it.
 class DenseConv2d : public Conv2d {
  public:
   static Status create(const DenseConvDesc& desc, Isa isa,
