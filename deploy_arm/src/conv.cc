@@ -125,54 +125,26 @@ Status check_float_array(const char* name, const float* data, int64_t size,
   return Status::Ok();
 }
 
+detail::PlaneLayout plane_layout(const ConvGeometry& g, const ConvPlan& p) {
+  detail::PlaneLayout layout;
+  layout.height = p.height;
+  layout.width = p.width;
+  layout.pad_h = g.pad_h;
+  layout.pad_w = g.pad_w;
+  layout.stride_w = g.stride_w;
+  layout.phase_w = p.phase_w;
+  layout.row_stride = p.row_stride;
+  layout.plane = p.plane;
+  return layout;
+}
+
 void prepare_input(const ConvGeometry& g, const ConvPlan& p,
-                   const float* input, int64_t channels, float* buffer) {
-  const int64_t height = p.height;
-  const int64_t width = p.width;
+                   const detail::KernelTable& kernels, const float* input,
+                   int64_t channels, float* buffer) {
+  const detail::PlaneLayout layout = plane_layout(g, p);
   for (int64_t c = 0; c < channels; ++c) {
-    float* dst = buffer + c * p.plane;
-    const float* src = input + c * height * width;
-
-    // Zero only what the input does not cover: the padding rows above
-    // and below, the slack after the last row, and per input row its
-    // padding columns (all of the row when it is phase-split).
-    const int64_t data_begin = g.pad_h * p.row_stride;
-    const int64_t data_end = (g.pad_h + height) * p.row_stride;
-    std::memset(dst, 0, sizeof(float) * data_begin);
-    std::memset(dst + data_end, 0, sizeof(float) * (p.plane - data_end));
-
-    for (int64_t y = 0; y < height; ++y) {
-      float* row = dst + (y + g.pad_h) * p.row_stride;
-      const float* src_row = src + y * width;
-      if (g.stride_w == 1) {
-        std::memset(row, 0, sizeof(float) * g.pad_w);
-        std::memcpy(row + g.pad_w, src_row, sizeof(float) * width);
-        std::memset(row + g.pad_w + width, 0,
-                    sizeof(float) * (p.row_stride - g.pad_w - width));
-        continue;
-      }
-      // Phase q contains the padded columns q, q + stride_w, ..., which
-      // are the input columns x = q - pad_w + j * stride_w with x >= 0.
-      std::memset(row, 0, sizeof(float) * p.row_stride);
-      for (int64_t q = 0; q < g.stride_w; ++q) {
-        const int64_t first =
-            ((q - g.pad_w) % g.stride_w + g.stride_w) % g.stride_w;
-        float* phase = row + q * p.phase_w + (first + g.pad_w) / g.stride_w;
-        const float* src_first = src_row + first;
-        const int64_t count =
-            first < width ? (width - first + g.stride_w - 1) / g.stride_w
-                          : 0;
-        if (g.stride_w == 2) {
-          // The common stride, with a constant step the compiler
-          // vectorises.
-          for (int64_t j = 0; j < count; ++j) phase[j] = src_first[2 * j];
-        } else {
-          for (int64_t j = 0; j < count; ++j) {
-            phase[j] = src_first[j * g.stride_w];
-          }
-        }
-      }
-    }
+    kernels.prepare(layout, input + c * p.height * p.width,
+                    buffer + c * p.plane);
   }
 }
 
@@ -207,7 +179,8 @@ void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
 }
 
 void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
-                   const float* input, ThreadPool* pool,
+                   const detail::KernelTable& kernels, const float* input,
+                   ThreadPool* pool,
                    const std::function<void(const float*, int64_t, int64_t)>&
                        kernel) {
   const int64_t channels = g.in_channels / g.groups;
@@ -217,11 +190,53 @@ void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
     if (static_cast<int64_t>(prepared.size()) < channels * plan.plane) {
       prepared.resize(channels * plan.plane);
     }
-    prepare_input(g, plan, input + group * group_size, channels,
+    prepare_input(g, plan, kernels, input + group * group_size, channels,
                   prepared.data());
     for (int64_t tile = 0; tile < plan.num_tiles; ++tile) {
       kernel(prepared.data(), group, tile);
     }
+  });
+}
+
+bool depthwise_geometry(const ConvGeometry& g) {
+  return g.in_channels == g.groups && g.out_channels == g.groups &&
+         g.kernel_h * g.kernel_w <= detail::kDepthwiseMaxTaps;
+}
+
+void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
+                   const float* input, float* output,
+                   const DepthwiseWeights& weights, Activation activation,
+                   const detail::KernelTable& kernels, ThreadPool* pool) {
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t in_plane = plan.height * plan.width;
+  const int64_t out_plane = plan.out_h * plan.out_w;
+  const int64_t segments =
+      plan.out_h * ((plan.out_w + kernels.lanes - 1) / kernels.lanes);
+  const detail::PlaneLayout layout = plane_layout(g, plan);
+  run_parallel(pool, g.groups, [&](int64_t c) {
+    thread_local std::vector<float> prepared;
+    if (static_cast<int64_t>(prepared.size()) < plan.plane) {
+      prepared.resize(plan.plane);
+    }
+    detail::DepthwiseArgs args;
+    args.input = input + c * in_plane;
+    args.layout = &layout;
+    args.prepared = prepared.data();
+    args.output = output + c * out_plane;
+    args.segments = plan.segments.data();
+    args.num_segments = segments;
+    args.offsets = plan.offsets.data();
+    args.taps = taps;
+    args.weights =
+        weights.weights != nullptr ? weights.weights + c * taps : nullptr;
+    args.indices =
+        weights.indices != nullptr ? weights.indices + c * taps : nullptr;
+    args.codebook = weights.codebook;
+    args.has_scale = weights.scale != nullptr;
+    args.scale = args.has_scale ? weights.scale[c] : 1.0f;
+    args.bias = weights.bias[c];
+    args.activation = activation;
+    kernels.depthwise(args);
   });
 }
 
@@ -274,6 +289,25 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
     const int64_t begin = (item / num_tiles) * blocks_per_chunk;
     const int64_t end = std::min(blocks, begin + blocks_per_chunk);
     kernel(item % num_tiles, begin, end);
+  });
+}
+
+void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
+              int64_t tile_floats,
+              const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
+                  kernel) {
+  const int threads = pool != nullptr ? pool->num_threads() : 1;
+  const int64_t tiles_per_chunk = chunk_size(
+      num_tiles, std::max<int64_t>(1, 16384 / tile_floats), 4 * threads);
+  const int64_t chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  const int64_t blocks_per_item =
+      chunk_size(blocks, blocks, (4 * threads + chunks - 1) / chunks);
+  const int64_t block_items = (blocks + blocks_per_item - 1) / blocks_per_item;
+  run_parallel(pool, chunks * block_items, [&](int64_t item) {
+    const int64_t tile_begin = (item / block_items) * tiles_per_chunk;
+    const int64_t block_begin = (item % block_items) * blocks_per_item;
+    kernel(tile_begin, std::min(num_tiles, tile_begin + tiles_per_chunk),
+           block_begin, std::min(blocks, block_begin + blocks_per_item));
   });
 }
 
@@ -413,8 +447,9 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
     // inside the lambda would be their own.
     float* const buffer = prepared.get();
     const ConvPlan& p = *plan;
+    const detail::KernelTable& kernels = detail::kernels_for(isa_);
     run_parallel(pool, g.in_channels, [&](int64_t c) {
-      prepare_input(g, p, input + c * height * width, 1,
+      prepare_input(g, p, kernels, input + c * height * width, 1,
                     buffer + c * p.plane);
     });
 

@@ -91,7 +91,11 @@ void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
 // Copies `channels` input planes of height x width into the prepared
 // layout of `plan` (zero padding, phase split) at dst.
 void prepare_input(const ConvGeometry& g, const ConvPlan& plan,
-                   const float* src, int64_t channels, float* dst);
+                   const detail::KernelTable& kernels, const float* src,
+                   int64_t channels, float* dst);
+
+// The prepared layout of one channel plane of plan.
+detail::PlaneLayout plane_layout(const ConvGeometry& g, const ConvPlan& plan);
 
 // Runs a layer with fewer output channels per group than a dense block
 // (depthwise) one conv group per work item. Each item prepares the group's
@@ -99,9 +103,34 @@ void prepare_input(const ConvGeometry& g, const ConvPlan& plan,
 // is in cache, instead of preparing the whole input first.
 // kernel(prepared_group_input, group, tile) computes one tile of a group.
 void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
-                   const float* input, ThreadPool* pool,
+                   const detail::KernelTable& kernels, const float* input,
+                   ThreadPool* pool,
                    const std::function<void(const float*, int64_t, int64_t)>&
                        kernel);
+
+// Whether a layer runs through the depthwise kernel: one input and one
+// output channel per group and at most kDepthwiseMaxTaps taps.
+bool depthwise_geometry(const ConvGeometry& g);
+
+// The weights of a depthwise layer for run_depthwise: dense weights or
+// codebook indices, [channels][taps] each, and per-channel scale (null
+// for none) and bias.
+struct DepthwiseWeights {
+  const float* weights = nullptr;
+  const uint8_t* indices = nullptr;
+  const float* codebook = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+};
+
+// Runs a depthwise layer (see depthwise_geometry) on a plan whose offsets
+// are the local tap offsets, one channel per work item: prepares the
+// channel's plane into a per-thread buffer and computes its output with
+// kernels.depthwise.
+void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
+                   const float* input, float* output,
+                   const DepthwiseWeights& weights, Activation activation,
+                   const detail::KernelTable& kernels, ThreadPool* pool);
 
 // Returns the prepared-input offset of tap (c, kh, kw) of a group.
 int64_t tap_offset(const ConvGeometry& g, const ConvPlan& plan, int64_t c,
@@ -134,6 +163,15 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
                  int64_t num_tiles,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel);
 
+// Runs kernel(tile_begin, tile_end, block_begin, block_end) of a flat
+// plan over all tiles and blocks: chunks of tiles whose packed inputs
+// (tile_floats each) take about 64 KiB, split by blocks as well when that
+// gives fewer than 4 work items per thread.
+void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
+              int64_t tile_floats,
+              const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
+                  kernel);
+
 // Runs fn(i) for i in [0, count) on pool, or inline when pool is null.
 void run_parallel(ThreadPool* pool, int64_t count,
                   const std::function<void(int64_t)>& fn);
@@ -145,24 +183,27 @@ void run_parallel(ThreadPool* pool, int64_t count,
 template <class Args>
 void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
                          const float* input, Args args,
-                         int64_t blocks_per_group, int64_t out_block,
-                         void (*blocked)(const Args&, int64_t, int64_t,
-                                         int64_t),
+                         int64_t blocks_per_group,
+                         void (*flat)(const Args&, int64_t, int64_t, int64_t,
+                                      int64_t),
                          void (*single)(const Args&, int64_t, int64_t,
                                         int64_t),
+                         const detail::KernelTable& kernels,
                          ThreadPool* pool) {
   if (plan.flat) {
     args.input = input;
     args.group_input_stride =
         (g.in_channels / g.groups) * plan.height * plan.width;
     args.raw_input = true;
-    run_blocked(pool, g.groups * blocks_per_group, args.taps * out_block,
-                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
-                  blocked(args, tile, begin, end);
-                });
+    run_flat(pool, plan.num_tiles, g.groups * blocks_per_group,
+             args.taps * kernels.dense_tile_segments * kernels.lanes,
+             [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
+                 int64_t block_end) {
+               flat(args, tile_begin, tile_end, block_begin, block_end);
+             });
     return;
   }
-  run_per_group(g, plan, input, pool,
+  run_per_group(g, plan, kernels, input, pool,
                 [&](const float* prepared, int64_t group, int64_t tile) {
                   Args group_args = args;
                   group_args.input = prepared;

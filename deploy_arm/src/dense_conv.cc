@@ -272,9 +272,20 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  if (!plan.flat && depthwise_geometry(geometry_)) {
+    DepthwiseWeights w;
+    w.weights = weights_->packed.data();
+    w.scale = weights_->dense_scale.empty() ? nullptr
+                                             : weights_->dense_scale.data();
+    w.bias = weights_->bias.data();
+    run_depthwise(geometry_, plan, input, output, w, activation_, kernels,
+                  pool);
+    return;
+  }
   run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output),
-                      weights_->blocks_per_group, weights_->out_block,
-                      kernels.dense, kernels.dense_single, pool);
+                      weights_->blocks_per_group, kernels.dense_flat,
+                      kernels.dense_single, kernels,
+                      pool);
 }
 
 void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,

@@ -37,6 +37,24 @@ inline typename Ops::Vec activate(typename Ops::Vec y, Activation act) {
   return y;
 }
 
+// Calls body(std::integral_constant<Activation, act>) for the run-time
+// activation, so the kernels' epilogues are compiled once per activation
+// with no branch per stored vector.
+template <class Body>
+inline void with_activation(Activation act, Body&& body) {
+  switch (act) {
+    case Activation::kReLU:
+      body(std::integral_constant<Activation, Activation::kReLU>());
+      return;
+    case Activation::kReLU6:
+      body(std::integral_constant<Activation, Activation::kReLU6>());
+      return;
+    default:
+      body(std::integral_constant<Activation, Activation::kNone>());
+      return;
+  }
+}
+
 // Computes kTile segments (output pixel runs) of one tile for the output
 // channels [o_begin, o_end) by accumulating inputs per codebook index.
 // The input channels are processed in blocks, each block for all output
@@ -240,9 +258,9 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
 // Computes kTile segments of one tile for kOutBlock output channels per
 // block, decoding each weight as codebook[index] inside the loop: the
 // dense kernel's blocking with 1-byte weights.
-template <class Ops, int kTile, int kOutBlock>
-void lookup_tile(const LookupKernelArgs& args, int64_t tile,
-                 int64_t block_begin, int64_t block_end) {
+template <class Ops, int kTile, int kOutBlock, Activation kAct>
+void lookup_tile_body(const LookupKernelArgs& args, int64_t tile,
+                      int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
@@ -287,8 +305,272 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
       for (int s = 0; s < kTile; ++s) {
         const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
         Ops::store(out_plane + segments[s].output_offset,
-                   activate<Ops>(y, args.activation), segments[s].lanes);
+                   activate<Ops>(y, kAct), segments[s].lanes);
       }
     }
   }
+}
+
+template <class Ops, int kTile, int kOutBlock>
+void lookup_tile(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end) {
+  with_activation(args.activation, [&](auto act) {
+    lookup_tile_body<Ops, kTile, kOutBlock, decltype(act)::value>(
+        args, tile, block_begin, block_end);
+  });
+}
+
+// Flat 1x1 plans (ConvPlan::flat): the tiles [tile_begin, tile_end) for
+// the output-channel blocks [block_begin, block_end). The tiles' inputs of
+// a conv group are packed into one panel, [tile][tap][kTile * kLanes],
+// reading each input channel as one contiguous run that the hardware
+// prefetchers follow. Then each block runs over all the tiles, writing
+// kOutBlock contiguous output runs. Every output vector gets the same
+// operations as in dense_tile or lookup_tile, so the results are the same
+// bits.
+template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct>
+void flat_body(const Args& args, int64_t tile_begin, int64_t tile_end,
+               int64_t block_begin, int64_t block_end) {
+  using Vec = typename Ops::Vec;
+  constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
+  constexpr int64_t kWidth = kTile * Ops::kLanes;
+  const int64_t tiles = tile_end - tile_begin;
+  const int64_t taps = args.taps;
+  thread_local std::vector<float> panel_storage;
+  if (static_cast<int64_t>(panel_storage.size()) < tiles * taps * kWidth) {
+    panel_storage.resize(tiles * taps * kWidth);
+  }
+  float* const panel = panel_storage.data();
+  const Segment* const first = args.segments + tile_begin * kTile;
+  int64_t packed_group = -1;
+
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t group = block / args.blocks_per_group;
+    const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
+    if (group != packed_group) {
+      const float* input = args.input + group * args.group_input_stride;
+      for (int64_t t = 0; t < taps; ++t) {
+        const float* source = input + args.offsets[t];
+        for (int64_t i = 0; i < tiles; ++i) {
+          const Segment* seg = first + i * kTile;
+          float* dst = panel + (i * taps + t) * kWidth;
+          for (int s = 0; s < kTile; ++s) {
+            const float* x = source + seg[s].input_offset;
+            Ops::store(dst + s * Ops::kLanes,
+                       seg[s].lanes < Ops::kLanes
+                           ? Ops::load_partial(x, seg[s].lanes)
+                           : Ops::load(x),
+                       Ops::kLanes);
+          }
+        }
+      }
+      packed_group = group;
+    }
+
+    const int64_t weight_base = block * taps * kOutBlock;
+    Vec scale[kOutBlock];
+    Vec bias[kOutBlock];
+    float* out_plane[kOutBlock];
+    int outputs = 0;
+    for (int j = 0; j < kOutBlock && first_local + j < args.out_per_group;
+         ++j) {
+      const int64_t o = group * args.out_per_group + first_local + j;
+      scale[j] = Ops::set1(args.scale != nullptr ? args.scale[o] : 1.0f);
+      bias[j] = Ops::set1(args.bias[o]);
+      out_plane[j] = args.output + o * args.out_plane;
+      ++outputs;
+    }
+
+    for (int64_t i = 0; i < tiles; ++i) {
+      const Segment* seg = first + i * kTile;
+      const float* x_tile = panel + i * taps * kWidth;
+      Vec acc[kOutBlock][kTile];
+      for (int j = 0; j < kOutBlock; ++j) {
+        for (int s = 0; s < kTile; ++s) acc[j][s] = Ops::zero();
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        Vec x[kTile];
+        for (int s = 0; s < kTile; ++s) {
+          x[s] = Ops::load(x_tile + t * kWidth + s * Ops::kLanes);
+        }
+        for (int j = 0; j < kOutBlock; ++j) {
+          const int64_t k = weight_base + t * kOutBlock + j;
+          if constexpr (kLookup) {
+            const Vec w = Ops::set1(args.codebook[args.indices[k]]);
+            for (int s = 0; s < kTile; ++s) {
+              acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
+            }
+          } else {
+            const Vec w = Ops::set1(args.weights[k]);
+            for (int s = 0; s < kTile; ++s) {
+              acc[j][s] = Ops::fmadd(w, x[s], acc[j][s]);
+            }
+          }
+        }
+      }
+      for (int j = 0; j < outputs; ++j) {
+        for (int s = 0; s < kTile; ++s) {
+          Vec y;
+          if constexpr (kLookup) {
+            y = Ops::add(Ops::mul(acc[j][s], scale[j]), bias[j]);
+          } else {
+            y = args.scale != nullptr ? Ops::fused(acc[j][s], scale[j], bias[j])
+                                      : Ops::add(acc[j][s], bias[j]);
+          }
+          Ops::store(out_plane[j] + seg[s].output_offset,
+                     activate<Ops>(y, kAct), seg[s].lanes);
+        }
+      }
+    }
+  }
+}
+
+template <class Ops, int kTile, int kOutBlock, class Args>
+void flat_chunk(const Args& args, int64_t tile_begin, int64_t tile_end,
+                int64_t block_begin, int64_t block_end) {
+  with_activation(args.activation, [&](auto act) {
+    flat_body<Ops, kTile, kOutBlock, Args, decltype(act)::value>(
+        args, tile_begin, tile_end, block_begin, block_end);
+  });
+}
+
+// One depthwise channel: the output vectors (segments) kBlock at a time,
+// each with its own sum, so that the sums do not wait on each other. Each
+// output vector sums its taps in tap order with the same operations as
+// lookup_tile and dense_tile with one-channel blocks, so the results are
+// the same bits.
+template <class Ops, bool kLookup, Activation kAct>
+void depthwise_body(const DepthwiseArgs& a) {
+  using Vec = typename Ops::Vec;
+  constexpr int kBlock = 8;
+  float w[kDepthwiseMaxTaps];
+  const int64_t taps =
+      a.taps < kDepthwiseMaxTaps ? a.taps : kDepthwiseMaxTaps;
+  for (int64_t t = 0; t < taps; ++t) {
+    w[t] = kLookup ? a.codebook[a.indices[t]] : a.weights[t];
+  }
+  const Vec scale = Ops::set1(a.scale);
+  const Vec bias = Ops::set1(a.bias);
+  const auto finish = [&](Vec acc) {
+    Vec y;
+    if (kLookup) {
+      y = Ops::add(Ops::mul(acc, scale), bias);
+    } else if (a.has_scale) {
+      y = Ops::fused(acc, scale, bias);
+    } else {
+      y = Ops::add(acc, bias);
+    }
+    return activate<Ops>(y, kAct);
+  };
+  const auto step = [](Vec weight, Vec x, Vec acc) {
+    return kLookup ? Ops::fused(weight, x, acc) : Ops::fmadd(weight, x, acc);
+  };
+
+  const Segment* seg = a.segments;
+  int64_t left = a.num_segments;
+  for (; left >= kBlock; left -= kBlock, seg += kBlock) {
+    Vec acc[kBlock];
+    const float* base[kBlock];
+    for (int b = 0; b < kBlock; ++b) {
+      acc[b] = Ops::zero();
+      base[b] = a.input + seg[b].input_offset;
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      const Vec weight = Ops::set1(w[t]);
+      const int32_t d = a.offsets[t];
+      for (int b = 0; b < kBlock; ++b) {
+        acc[b] = step(weight, Ops::load(base[b] + d), acc[b]);
+      }
+    }
+    for (int b = 0; b < kBlock; ++b) {
+      Ops::store(a.output + seg[b].output_offset, finish(acc[b]),
+                 seg[b].lanes);
+    }
+  }
+  for (; left > 0; --left, ++seg) {
+    Vec acc = Ops::zero();
+    for (int64_t t = 0; t < taps; ++t) {
+      acc = step(Ops::set1(w[t]),
+                 Ops::load(a.input + a.offsets[t] + seg->input_offset), acc);
+    }
+    Ops::store(a.output + seg->output_offset, finish(acc), seg->lanes);
+  }
+}
+
+// Copies one channel plane into the prepared layout with vector loads and
+// stores: calls to memcpy and memset per row cost more than the copy on
+// the small planes of a detector's later layers.
+template <class Ops>
+void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
+  const typename Ops::Vec zero = Ops::zero();
+  const auto fill_zero = [&](float* d, int64_t n) {
+    int64_t i = 0;
+    for (; i + Ops::kLanes <= n; i += Ops::kLanes) {
+      Ops::store(d + i, zero, Ops::kLanes);
+    }
+    if (i < n) Ops::store(d + i, zero, static_cast<int>(n - i));
+  };
+  const int64_t data_begin = p.pad_h * p.row_stride;
+  const int64_t data_end = (p.pad_h + p.height) * p.row_stride;
+  fill_zero(dst, data_begin);
+  fill_zero(dst + data_end, p.plane - data_end);
+  if (p.stride_w == 1) {
+    for (int64_t y = 0; y < p.height; ++y) {
+      float* row = dst + (y + p.pad_h) * p.row_stride;
+      const float* src_row = src + y * p.width;
+      fill_zero(row, p.pad_w);
+      float* d = row + p.pad_w;
+      int64_t i = 0;
+      for (; i + Ops::kLanes <= p.width; i += Ops::kLanes) {
+        Ops::store(d + i, Ops::load(src_row + i), Ops::kLanes);
+      }
+      if (i < p.width) {
+        const int lanes = static_cast<int>(p.width - i);
+        Ops::store(d + i, Ops::load_partial(src_row + i, lanes), lanes);
+      }
+      fill_zero(d + p.width, p.row_stride - p.pad_w - p.width);
+    }
+    return;
+  }
+  // Phase q holds the padded columns q, q + stride_w, ..., which are the
+  // input columns x = q - pad_w + j * stride_w with x >= 0: count of them
+  // from column first, stored from position begin of the phase.
+  for (int64_t q = 0; q < p.stride_w; ++q) {
+    const int64_t first =
+        ((q - p.pad_w) % p.stride_w + p.stride_w) % p.stride_w;
+    const int64_t begin = (first + p.pad_w) / p.stride_w;
+    const int64_t count =
+        first < p.width ? (p.width - first + p.stride_w - 1) / p.stride_w
+                        : 0;
+    for (int64_t y = 0; y < p.height; ++y) {
+      float* phase = dst + (y + p.pad_h) * p.row_stride + q * p.phase_w;
+      const float* src_first = src + y * p.width + first;
+      fill_zero(phase, begin);
+      if (p.stride_w == 2) {
+        // The common stride, with a constant step the compiler vectorises.
+        for (int64_t j = 0; j < count; ++j) {
+          phase[begin + j] = src_first[2 * j];
+        }
+      } else {
+        for (int64_t j = 0; j < count; ++j) {
+          phase[begin + j] = src_first[j * p.stride_w];
+        }
+      }
+      fill_zero(phase + begin + count, p.phase_w - begin - count);
+    }
+  }
+}
+
+template <class Ops>
+void depthwise(const DepthwiseArgs& raw) {
+  prepare_plane<Ops>(*raw.layout, raw.input, raw.prepared);
+  DepthwiseArgs args = raw;
+  args.input = raw.prepared;
+  with_activation(args.activation, [&](auto act) {
+    if (args.indices != nullptr) {
+      depthwise_body<Ops, true, decltype(act)::value>(args);
+    } else {
+      depthwise_body<Ops, false, decltype(act)::value>(args);
+    }
+  });
 }

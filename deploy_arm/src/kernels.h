@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dgms_rt/conv.h"
@@ -81,6 +82,44 @@ struct LookupKernelArgs {
   bool raw_input;                // unprepared input (flat 1x1 plans)
 };
 
+// The prepared layout of one channel plane (see ConvPlan): zero padding
+// around the height x width input, each padded row split into stride_w
+// phases of phase_w floats.
+struct PlaneLayout {
+  int64_t height;
+  int64_t width;
+  int64_t pad_h;
+  int64_t pad_w;
+  int64_t stride_w;
+  int64_t phase_w;
+  int64_t row_stride;  // stride_w * phase_w
+  int64_t plane;       // floats per prepared plane, padding rows included
+};
+
+// Depthwise layers (one input and one output channel per group): one
+// channel at a time, from its prepared input plane (see ConvPlan).
+// Layers with more taps than kDepthwiseMaxTaps use the tile kernels.
+constexpr int64_t kDepthwiseMaxTaps = 64;
+struct DepthwiseArgs {
+  const float* input;       // the channel's input plane, unprepared
+  const PlaneLayout* layout;
+  float* prepared;          // room for layout->plane floats
+  float* output;            // the channel's output plane
+  const Segment* segments;  // the plan's segments (see ConvPlan)
+  int64_t num_segments;     // without the fillers that pad the last tile
+  const int32_t* offsets;   // [taps] tap offsets within the plane
+  int64_t taps;             // kernel_h * kernel_w
+  // Either dense weights (weights, accumulated with fmadd) or codebook
+  // indices (indices + codebook, accumulated with fused), [taps] each.
+  const float* weights;
+  const uint8_t* indices;
+  const float* codebook;
+  float scale;              // applied when has_scale
+  bool has_scale;
+  float bias;
+  Activation activation;
+};
+
 // Winograd F(4x4, 3x3) for 3x3 stride-1 convs without groups or dilation
 // (see winograd_impl.h and DenseConv2d).
 struct WinogradArgs {
@@ -137,6 +176,18 @@ struct KernelTable {
                  int64_t block_begin, int64_t block_end);
   void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
                         int64_t block_begin, int64_t block_end);
+  // Flat 1x1 plans: the tiles [tile_begin, tile_end) for the global
+  // output-channel blocks [block_begin, block_end), dense and lookup.
+  void (*dense_flat)(const DenseKernelArgs& args, int64_t tile_begin,
+                     int64_t tile_end, int64_t block_begin,
+                     int64_t block_end);
+  void (*lookup_flat)(const LookupKernelArgs& args, int64_t tile_begin,
+                      int64_t tile_end, int64_t block_begin,
+                      int64_t block_end);
+  // Copies a channel plane into the prepared layout.
+  void (*prepare)(const PlaneLayout& layout, const float* src, float* dst);
+  // Computes a depthwise channel's whole output plane (see DepthwiseArgs).
+  void (*depthwise)(const DepthwiseArgs& args);
   // Winograd: transforms input channel c into args.v. scratch has room
   // for (4 * tiles_y + 2) * 4 * phase_w floats.
   void (*winograd_input)(const WinogradArgs& args, int64_t c, float* scratch);

@@ -52,6 +52,10 @@ const KernelTable& scalar_kernels() {
       &dense_tile<Ops, kDenseSingleTile, 1>,
       &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
       &lookup_tile<Ops, kDenseSingleTile, 1>,
+      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, DenseKernelArgs>,
+      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, LookupKernelArgs>,
+      &prepare_plane<Ops>,
+      &depthwise<Ops>,
       &winograd_input<Ops>,
       &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
   };

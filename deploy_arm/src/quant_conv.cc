@@ -320,10 +320,21 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
 void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               float* output, ThreadPool* pool) const {
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  if (!plan.flat && depthwise_geometry(geometry_)) {
+    DepthwiseWeights w;
+    w.indices = weights_->block_indices.data();
+    w.codebook = weights_->codebook.data();
+    w.scale = weights_->scale.data();
+    w.bias = weights_->bias.data();
+    run_depthwise(geometry_, plan, input, output, w, activation_, kernels,
+                  pool);
+    return;
+  }
   run_raw_dense_style(geometry_, plan, input,
                       lookup_args(plan, nullptr, output),
-                      weights_->blocks_per_group, weights_->out_block,
-                      kernels.lookup, kernels.lookup_single, pool);
+                      weights_->blocks_per_group, kernels.lookup_flat,
+                      kernels.lookup_single, kernels,
+                      pool);
 }
 
 void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,

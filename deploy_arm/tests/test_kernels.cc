@@ -111,13 +111,6 @@ std::vector<Isa> simd_isas() {
   return isas;
 }
 
-std::string label(const Shape& shape, const char* kind, int bits, Isa isa,
-                  int threads) {
-  return std::string(kind) + " " + shape.name + " bits=" +
-         std::to_string(bits) + " isa=" + isa_name(isa) +
-         " threads=" + std::to_string(threads);
-}
-
 // Runs conv and returns its output; records a failure when it errs.
 std::vector<float> run_conv(const Conv2d& conv, const std::vector<float>& input,
                             int64_t height, int64_t width, int threads,
@@ -247,58 +240,72 @@ void test_quant_kernels(std::mt19937* rng) {
   }
 }
 
-void test_dense_kernels(std::mt19937* rng) {
+// Checks the dense kernel on one layer with random weights, bias and
+// activation, with or without a scale: every instruction set and thread
+// count against the naive conv.
+void check_dense_layer(const ConvGeometry& g, const std::vector<float>& input,
+                       int64_t height, int64_t width, Activation activation,
+                       bool with_bias, bool with_scale,
+                       const std::vector<int>& thread_counts,
+                       const std::string& context, std::mt19937* rng) {
   std::vector<Isa> isas = simd_isas();
   isas.insert(isas.begin(), Isa::kScalar);
+  const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
+  const std::vector<float> weights =
+      testing::random_floats(testing::weight_count(g), -1.0f, 1.0f, rng);
+  const std::vector<float> bias =
+      with_bias ? testing::random_floats(g.out_channels, -0.5f, 0.5f, rng)
+                : std::vector<float>();
+  // A scale stands for a folded BatchNorm.
+  const std::vector<float> scale =
+      with_scale ? testing::random_floats(g.out_channels, 0.25f, 2.0f, rng)
+                 : std::vector<float>();
+  std::vector<double> expected;
+  std::vector<double> magnitude;
+  testing::naive_conv(g, height, width, input, weights, scale, bias,
+                      activation, &expected, &magnitude);
+
+  DenseConvDesc desc;
+  desc.geometry = g;
+  desc.weights = weights.data();
+  desc.weights_size = static_cast<int64_t>(weights.size());
+  desc.bias = with_bias ? bias.data() : nullptr;
+  desc.bias_size = static_cast<int64_t>(bias.size());
+  desc.scale = scale.empty() ? nullptr : scale.data();
+  desc.scale_size = static_cast<int64_t>(scale.size());
+  desc.activation = activation;
+  desc.algorithm = DenseAlgorithm::kDirect;
+
+  for (Isa isa : isas) {
+    std::unique_ptr<DenseConv2d> conv;
+    Status status = DenseConv2d::create(desc, isa, &conv);
+    check(status.ok(), context + " isa=" + isa_name(isa) +
+                           ": create failed: " + status.message());
+    if (!status.ok()) continue;
+    for (int threads : thread_counts) {
+      const std::string run_context = context + " isa=" + isa_name(isa) +
+                                      " threads=" + std::to_string(threads);
+      check_close(run_conv(*conv, input, height, width, threads, run_context),
+                  expected, magnitude, taps, run_context);
+    }
+  }
+}
+
+void test_dense_kernels(std::mt19937* rng) {
   int case_index = 0;
   for (const Shape& shape : kShapes) {
     const ConvGeometry g = shape.geometry();
-    const int64_t taps = (g.in_channels / g.groups) * g.kernel_h * g.kernel_w;
     const Activation activation = static_cast<Activation>(case_index % 3);
     const bool with_bias = case_index % 2 == 0;
     ++case_index;
-
-    const std::vector<float> weights =
-        testing::random_floats(testing::weight_count(g), -1.0f, 1.0f, rng);
-    const std::vector<float> bias =
-        with_bias ? testing::random_floats(g.out_channels, -0.5f, 0.5f, rng)
-                  : std::vector<float>();
-    // Every third layer has a scale (a folded BatchNorm).
-    const std::vector<float> scale =
-        case_index % 3 == 1
-            ? testing::random_floats(g.out_channels, 0.25f, 2.0f, rng)
-            : std::vector<float>();
+    // Every third layer has a scale.
+    const bool with_scale = case_index % 3 == 1;
     const std::vector<float> input = testing::random_floats(
         g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
-    std::vector<double> expected;
-    std::vector<double> magnitude;
-    testing::naive_conv(g, shape.height, shape.width, input, weights, scale,
-                        bias, activation, &expected, &magnitude);
-
-    DenseConvDesc desc;
-    desc.geometry = g;
-    desc.weights = weights.data();
-    desc.weights_size = static_cast<int64_t>(weights.size());
-    desc.bias = with_bias ? bias.data() : nullptr;
-    desc.bias_size = static_cast<int64_t>(bias.size());
-    desc.scale = scale.empty() ? nullptr : scale.data();
-    desc.scale_size = static_cast<int64_t>(scale.size());
-    desc.activation = activation;
-    desc.algorithm = DenseAlgorithm::kDirect;
-
-    for (Isa isa : isas) {
-      std::unique_ptr<DenseConv2d> conv;
-      Status status = DenseConv2d::create(desc, isa, &conv);
-      check(status.ok(), label(shape, "dense", 32, isa, 1) +
-                             ": create failed: " + status.message());
-      if (!status.ok()) continue;
-      for (int threads : kThreads) {
-        const std::string context = label(shape, "dense", 32, isa, threads);
-        check_close(run_conv(*conv, input, shape.height, shape.width, threads,
-                             context),
-                    expected, magnitude, taps, context);
-      }
-    }
+    check_dense_layer(g, input, shape.height, shape.width, activation,
+                      with_bias, with_scale,
+                      {kThreads[0], kThreads[1]},
+                      std::string("dense ") + shape.name, rng);
   }
 }
 
@@ -850,6 +857,9 @@ void test_random_layers(std::mt19937* rng, int cases) {
         g.in_channels * shape.height * shape.width, -2.0f, 2.0f, rng);
     check_quant_layer(layer, input, shape.height, shape.width, {threads},
                       context);
+    check_dense_layer(g, input, shape.height, shape.width, activation,
+                      i % 2 == 0, i % 3 == 1, {threads}, context + " dense",
+                      rng);
   }
 }
 

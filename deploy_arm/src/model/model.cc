@@ -596,7 +596,9 @@ Status Model::profile_graph(const std::string& name,
                             std::vector<NodeTime>* times) const {
   std::vector<std::pair<std::string, Tensor>> outputs;
   times->clear();
-  return impl_->run_graph(name, inputs, &outputs, times);
+  Status s = impl_->run_graph(name, inputs, &outputs, times);
+  impl_->recycle(&outputs);
+  return s;
 }
 
 Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
