@@ -292,6 +292,10 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
   });
 }
 
+bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels) {
+  return taps * kernels.dense_tile_segments * kernels.lanes <= 1024;
+}
+
 void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
               int64_t tile_floats,
               const std::function<void(int64_t, int64_t, int64_t, int64_t)>&

@@ -163,6 +163,12 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
                  int64_t num_tiles,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel);
 
+// Whether a dense-style layer with `taps` taps runs in chunks of tiles
+// (see run_flat) rather than tile by tile: when a tile's packed inputs are
+// small (at most 4 KiB), so that a chunk holds many tiles and the layer
+// writes long output runs.
+bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
+
 // Runs kernel(tile_begin, tile_end, block_begin, block_end) of a flat
 // plan over all tiles and blocks: chunks of tiles whose packed inputs
 // (tile_floats each) take about 64 KiB, split by blocks as well when that

@@ -383,6 +383,16 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
   const ConvWeights& w = *weights_;
   const detail::DenseKernelArgs args = dense_args(plan, prepared, output);
 
+  if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
+    run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+             args.taps * kernels.dense_tile_segments * kernels.lanes,
+             [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
+                 int64_t block_end) {
+               kernels.dense_flat(args, tile_begin, tile_end, block_begin,
+                                  block_end);
+             });
+    return;
+  }
   const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;
   run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
               plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {

@@ -345,6 +345,16 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
 
   if (kernel_ == QuantKernel::kLookup) {
     const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
+    if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
+      run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+               args.taps * kernels.dense_tile_segments * kernels.lanes,
+               [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
+                   int64_t block_end) {
+                 kernels.lookup_flat(args, tile_begin, tile_end, block_begin,
+                                     block_end);
+               });
+      return;
+    }
     const auto kernel =
         w.out_block == 1 ? kernels.lookup_single : kernels.lookup;
     run_blocked(pool, g.groups * w.blocks_per_group, args.taps * w.out_block,
