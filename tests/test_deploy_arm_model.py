@@ -13,6 +13,7 @@ score within 1e-4, and the other way round.
 import ctypes
 import json
 import os
+import platform
 import re
 import shutil
 import struct
@@ -547,6 +548,33 @@ def test_cli_usage(detect_binary):
                            '0'], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--repeat is '0'" in proc.stderr
+    proc = subprocess.run([str(detect_binary), 'm.dgms', 'i.ppm', '--isa',
+                           'sse'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--isa is 'sse', expected auto, scalar, avx2, avx512 or neon" in \
+        proc.stderr
+
+
+def test_instruction_sets_agree(packed, tensor_file, detect_binary):
+    """Every instruction set this CPU runs gives the scalar kernels'
+    detections; the SIMD ones give the same bits as each other, and one
+    the CPU lacks is an error that names it."""
+    _, _, path = packed
+    base = [str(detect_binary), str(path), str(tensor_file[0])]
+    outputs = {}
+    for isa in ('scalar', 'avx2', 'avx512', 'neon'):
+        proc = detections_of(base + ['--isa', isa])
+        if proc.returncode == 1 and 'is not available' in proc.stderr:
+            assert f'instruction set {isa} is not available' in proc.stderr
+            continue
+        check_cli_detections(proc, tensor_file[1])
+        outputs[isa] = json.loads(proc.stdout)['detections']
+    assert 'scalar' in outputs
+    simd = [isa for isa in outputs if isa != 'scalar']
+    if platform.machine() in ('x86_64', 'AMD64'):
+        assert 'avx2' in simd, 'this x86-64 CPU ran no SIMD kernels'
+    for isa in simd[1:]:
+        assert outputs[isa] == outputs[simd[0]], (isa, simd[0])
 
 
 def test_outputs_never_overwrite_inputs(packed, tensor_file, detect_binary,

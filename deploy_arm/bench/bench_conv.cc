@@ -154,7 +154,7 @@ struct Options {
                "usage: dgms_runtime_bench [--net resnet50|mobilenetv2|head|all] "
                "[--size PIXELS] [--threads 1,2] [--bits 2,4]\n"
                "       [--sparsity 0.1,0.4] [--repeat N] "
-               "[--isa auto|scalar|avx2|neon] [--filter TEXT]\n"
+               "[--isa auto|scalar|avx2|avx512|neon] [--filter TEXT]\n"
                "       [--kernel accumulate|lookup|auto] [--clock wall|thread] "
                "[--smoke]\n"
                "  --sparsity  fractions of weights with index 0 (pruned)\n"
@@ -216,6 +216,7 @@ Options parse(int argc, char** argv) {
       if (name == "auto") options.isa = Isa::kAuto;
       else if (name == "scalar") options.isa = Isa::kScalar;
       else if (name == "avx2") options.isa = Isa::kAvx2;
+      else if (name == "avx512") options.isa = Isa::kAvx512;
       else if (name == "neon") options.isa = Isa::kNeon;
       else usage(("unknown isa " + name).c_str());
     } else if (arg == "--kernel") {

@@ -33,7 +33,7 @@ dgms_status fail(dgms_status code, const std::string& message) {
   return code;
 }
 
-bool valid_isa(int isa) { return isa >= 0 && isa <= 3; }
+bool valid_isa(int isa) { return isa >= 0 && isa <= 4; }
 
 dgms_rt::ConvGeometry to_geometry(const dgms_conv_geometry& g) {
   dgms_rt::ConvGeometry out;
@@ -104,7 +104,7 @@ dgms_status dgms_quant_conv_create(
   if (!valid_isa(isa)) {
     return fail(DGMS_INVALID_ARGUMENT,
                 "isa is " + std::to_string(isa) +
-                    ", expected 0 (auto), 1 (scalar), 2 (avx2) or 3 (neon)");
+                    ", expected 0 (auto), 1 (scalar), 2 (avx2), 3 (neon) or 4 (avx512)");
   }
   dgms_rt::QuantConvDesc desc;
   desc.geometry = to_geometry(*geometry);
@@ -142,7 +142,7 @@ dgms_status dgms_dense_conv_create(const dgms_conv_geometry* geometry,
   if (!valid_isa(isa)) {
     return fail(DGMS_INVALID_ARGUMENT,
                 "isa is " + std::to_string(isa) +
-                    ", expected 0 (auto), 1 (scalar), 2 (avx2) or 3 (neon)");
+                    ", expected 0 (auto), 1 (scalar), 2 (avx2), 3 (neon) or 4 (avx512)");
   }
   dgms_rt::DenseConvDesc desc;
   desc.geometry = to_geometry(*geometry);

@@ -297,7 +297,7 @@ bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels) {
 }
 
 void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
-              int64_t tile_floats,
+              int64_t block_weights, int64_t tile_floats,
               const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
                   kernel) {
   const int threads = pool != nullptr ? pool->num_threads() : 1;
@@ -305,11 +305,13 @@ void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
       num_tiles, std::max<int64_t>(1, 16384 / tile_floats), 4 * threads);
   const int64_t chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   const int64_t blocks_per_item =
-      chunk_size(blocks, blocks, (4 * threads + chunks - 1) / chunks);
+      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_weights),
+                 (4 * threads + chunks - 1) / chunks);
   const int64_t block_items = (blocks + blocks_per_item - 1) / blocks_per_item;
+  // Consecutive items share their blocks, whose weights stay in cache.
   run_parallel(pool, chunks * block_items, [&](int64_t item) {
-    const int64_t tile_begin = (item / block_items) * tiles_per_chunk;
-    const int64_t block_begin = (item % block_items) * blocks_per_item;
+    const int64_t tile_begin = (item % chunks) * tiles_per_chunk;
+    const int64_t block_begin = (item / chunks) * blocks_per_item;
     kernel(tile_begin, std::min(num_tiles, tile_begin + tiles_per_chunk),
            block_begin, std::min(blocks, block_begin + blocks_per_item));
   });

@@ -169,12 +169,12 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
 // writes long output runs.
 bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
 
-// Runs kernel(tile_begin, tile_end, block_begin, block_end) of a flat
-// plan over all tiles and blocks: chunks of tiles whose packed inputs
-// (tile_floats each) take about 64 KiB, split by blocks as well when that
-// gives fewer than 4 work items per thread.
+// Runs kernel(tile_begin, tile_end, block_begin, block_end) over all
+// tiles and blocks: chunks of tiles whose packed inputs (tile_floats
+// each) take about 64 KiB, times ranges of blocks with about 256 KiB of
+// weights (`block_weights` per block), and at least 4 items per thread.
 void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
-              int64_t tile_floats,
+              int64_t block_weights, int64_t tile_floats,
               const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
                   kernel);
 
@@ -202,6 +202,7 @@ void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
         (g.in_channels / g.groups) * plan.height * plan.width;
     args.raw_input = true;
     run_flat(pool, plan.num_tiles, g.groups * blocks_per_group,
+             args.taps * kernels.dense_out_block,
              args.taps * kernels.dense_tile_segments * kernels.lanes,
              [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
                  int64_t block_end) {

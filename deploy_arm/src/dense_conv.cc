@@ -177,9 +177,9 @@ Status DenseConv2d::create(const DenseConvDesc& desc, Isa isa,
     }
     if (algorithm != DenseAlgorithm::kDirect) {
       weights->winograd_out_blocks =
-          (g.out_channels + kernels.dense_out_block - 1) /
-          kernels.dense_out_block;
-      winograd_filters(g, desc.weights, kernels.dense_out_block,
+          (g.out_channels + kernels.winograd_out_block - 1) /
+          kernels.winograd_out_block;
+      winograd_filters(g, desc.weights, kernels.winograd_out_block,
                        weights->winograd_out_blocks, &weights->winograd_u);
     }
 
@@ -203,14 +203,14 @@ bool DenseConv2d::uses_winograd(int64_t height, int64_t width) const {
   // with AVX2) and 8 channels; smaller layers run the direct kernel.
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const int64_t tiles = (out_h + 3) / 4 * ((out_w + 3) / 4);
-  return 2 * tiles >= kernels.dense_tile_segments * lanes_ &&
+  return 2 * tiles >= kernels.winograd_block_tiles &&
          geometry_.in_channels >= 8 && geometry_.out_channels >= 8;
 }
 
 Status DenseConv2d::fill_plan(ConvPlan* plan) const {
   if (uses_winograd(plan->height, plan->width)) {
     const detail::KernelTable& kernels = detail::kernels_for(isa_);
-    const int64_t block_tiles = kernels.dense_tile_segments * lanes_;
+    const int64_t block_tiles = kernels.winograd_block_tiles;
     plan->raw_input = true;
     plan->winograd = true;
     plan->tiles_y = (plan->out_h + 3) / 4;
@@ -293,7 +293,7 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
-  const int64_t block_tiles = kernels.dense_tile_segments * lanes_;
+  const int64_t block_tiles = kernels.winograd_block_tiles;
 
   // The transformed input of the whole layer. Like the prepared input of
   // the direct path, each calling thread keeps its buffer between runs.
@@ -321,7 +321,7 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
   args.out_w = plan.out_w;
   args.tiles_y = plan.tiles_y;
   args.tiles_x = plan.tiles_x;
-  args.phase_w = plan.tiles_x + lanes_;
+  args.phase_w = plan.tiles_x + kernels.winograd_lanes;
   args.block_tiles = block_tiles;
   args.v = transformed.get();
   args.u = w.winograd_u.data();
@@ -361,7 +361,7 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
   const int64_t chunks = (w.winograd_out_blocks + chunk - 1) / chunk;
   const int64_t groups = (plan.tile_blocks + group - 1) / group;
   const int64_t scratch_out =
-      36 * group * chunk * kernels.dense_out_block * block_tiles;
+      36 * group * chunk * kernels.winograd_out_block * block_tiles;
   run_parallel(pool, chunks * groups, [&](int64_t item) {
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_out) {
@@ -385,6 +385,7 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
 
   if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
     run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+             args.taps * w.out_block,
              args.taps * kernels.dense_tile_segments * kernels.lanes,
              [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
                  int64_t block_end) {

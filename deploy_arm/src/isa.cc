@@ -13,6 +13,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::kNeon:
       return "neon";
+    case Isa::kAvx512:
+      return "avx512";
   }
   return "unknown";
 }
@@ -34,6 +36,13 @@ bool isa_supported(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::kAvx512:
+#if defined(DGMS_RT_HAVE_AVX512)
+      return __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -41,6 +50,7 @@ bool isa_supported(Isa isa) {
 Isa resolve_isa(Isa isa) {
   if (isa != Isa::kAuto) return isa;
   if (isa_supported(Isa::kNeon)) return Isa::kNeon;
+  if (isa_supported(Isa::kAvx512)) return Isa::kAvx512;
   if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -50,6 +60,9 @@ namespace detail {
 const KernelTable& kernels_for(Isa isa) {
 #if defined(DGMS_RT_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2_kernels();
+#endif
+#if defined(DGMS_RT_HAVE_AVX512)
+  if (isa == Isa::kAvx512) return avx512_kernels();
 #endif
 #if defined(DGMS_RT_HAVE_NEON)
   if (isa == Isa::kNeon) return neon_kernels();

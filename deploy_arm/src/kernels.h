@@ -188,14 +188,21 @@ struct KernelTable {
   void (*prepare)(const PlaneLayout& layout, const float* src, float* dst);
   // Computes a depthwise channel's whole output plane (see DepthwiseArgs).
   void (*depthwise)(const DepthwiseArgs& args);
+  // The blocking of the Winograd kernels below: tiles per vector, tiles
+  // per block (a multiple of it) and output channels per block. They
+  // need not be this table's own (see avx512_kernels()).
+  int winograd_lanes;
+  int winograd_block_tiles;
+  int winograd_out_block;
   // Winograd: transforms input channel c into args.v. scratch has room
-  // for (4 * tiles_y + 2) * 4 * phase_w floats.
+  // for (4 * tiles_y + 2) * 4 * phase_w floats; phase_w is tiles_x +
+  // winograd_lanes.
   void (*winograd_input)(const WinogradArgs& args, int64_t c, float* scratch);
   // Winograd: products and output transform of the tile blocks
   // [block_begin, block_end) for the output-channel blocks
   // [ob_begin, ob_end). scratch has room for 36 * (block_end -
-  // block_begin) * (ob_end - ob_begin) * dense_out_block * block_tiles
-  // floats.
+  // block_begin) * (ob_end - ob_begin) * winograd_out_block *
+  // winograd_block_tiles floats.
   void (*winograd_block)(const WinogradArgs& args, int64_t block_begin,
                          int64_t block_end, int64_t ob_begin, int64_t ob_end,
                          float* scratch);
@@ -204,6 +211,9 @@ struct KernelTable {
 const KernelTable& scalar_kernels();
 #if defined(DGMS_RT_HAVE_AVX2)
 const KernelTable& avx2_kernels();
+#endif
+#if defined(DGMS_RT_HAVE_AVX512)
+const KernelTable& avx512_kernels();
 #endif
 #if defined(DGMS_RT_HAVE_NEON)
 const KernelTable& neon_kernels();

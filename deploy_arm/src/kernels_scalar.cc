@@ -31,6 +31,7 @@ struct Ops {
 
 #include "kernel_impl.h"
 #include "winograd_impl.h"
+#include "kernel_table_impl.h"
 
 constexpr int kQuantTile = 4;
 constexpr int kDenseTile = 2;
@@ -40,25 +41,9 @@ constexpr int kDenseSingleTile = 4;
 }  // namespace
 
 const KernelTable& scalar_kernels() {
-  static const KernelTable table = {
-      Isa::kScalar,
-      Ops::kLanes,
-      kQuantTile,
-      kDenseTile,
-      kDenseOutBlock,
-      kDenseSingleTile,
-      &quant_tile<Ops, kQuantTile>,
-      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &dense_tile<Ops, kDenseSingleTile, 1>,
-      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &lookup_tile<Ops, kDenseSingleTile, 1>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, DenseKernelArgs>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, LookupKernelArgs>,
-      &prepare_plane<Ops>,
-      &depthwise<Ops>,
-      &winograd_input<Ops>,
-      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
-  };
+  static const KernelTable table =
+      make_kernel_table<Ops, kQuantTile, kDenseTile, kDenseOutBlock,
+                        kDenseSingleTile>(Isa::kScalar);
   return table;
 }
 

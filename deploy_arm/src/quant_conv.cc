@@ -347,6 +347,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
     const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
       run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+               args.taps * w.out_block,
                args.taps * kernels.dense_tile_segments * kernels.lanes,
                [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
                    int64_t block_end) {

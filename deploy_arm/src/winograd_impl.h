@@ -64,17 +64,29 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
   const int64_t rows = 4 * args.tiles_y + 2;
   const int64_t phase_w = args.phase_w;
   const int64_t row_stride = 4 * phase_w;
-  std::fill(scratch, scratch + rows * row_stride, 0.0f);
-
   const float* src = args.input + c * args.height * args.width;
   const int64_t y_end = std::min(args.height, rows - args.pad_h);
   const int64_t x_end = std::min(args.width, row_stride - args.pad_w);
-  for (int64_t y = 0; y < y_end; ++y) {
-    float* row = scratch + (y + args.pad_h) * row_stride;
-    const float* src_row = src + y * args.width;
-    for (int64_t x = 0; x < x_end; ++x) {
-      const int64_t col = x + args.pad_w;
-      row[(col & 3) * phase_w + (col >> 2)] = src_row[x];
+  // Zeros go only where no input lands: the rows above and below the
+  // input and, per phase q of an input row, the positions before the
+  // first and after the last input column x with (x + pad_w) % 4 == q.
+  std::fill(scratch, scratch + args.pad_h * row_stride, 0.0f);
+  std::fill(scratch + (args.pad_h + y_end) * row_stride,
+            scratch + rows * row_stride, 0.0f);
+  for (int64_t q = 0; q < 4; ++q) {
+    // Phase position j holds padded column 4 * j + q, input column
+    // 4 * j + q - pad_w, for j in [j_begin, j_end).
+    const int64_t j_begin = (args.pad_w - q + 3) / 4;
+    const int64_t j_end = (args.pad_w + x_end - q + 3) / 4;
+    const int64_t x_begin = 4 * j_begin + q - args.pad_w;
+    for (int64_t y = 0; y < y_end; ++y) {
+      float* phase = scratch + (y + args.pad_h) * row_stride + q * phase_w;
+      const float* src_row = src + y * args.width + x_begin;
+      for (int64_t j = 0; j < j_begin; ++j) phase[j] = 0.0f;
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        phase[j] = src_row[4 * (j - j_begin)];
+      }
+      for (int64_t j = j_end; j < phase_w; ++j) phase[j] = 0.0f;
     }
   }
 
@@ -92,13 +104,18 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
     if (!one_row) {
       for (int l = 0; l < Ops::kLanes; ++l) {
         const int64_t t = first + l;
+        if (t >= tiles) {
+          for (int i = 0; i < 6; ++i) {
+            for (int j = 0; j < 6; ++j) gathered[i][j][l] = 0.0f;
+          }
+          continue;
+        }
+        const float* tile =
+            scratch + 4 * (t / args.tiles_x) * row_stride + t % args.tiles_x;
         for (int i = 0; i < 6; ++i) {
           for (int j = 0; j < 6; ++j) {
             gathered[i][j][l] =
-                t < tiles ? scratch[(4 * (t / args.tiles_x) + i) * row_stride +
-                                    (j & 3) * phase_w + t % args.tiles_x +
-                                    (j >> 2)]
-                          : 0.0f;
+                tile[i * row_stride + (j & 3) * phase_w + (j >> 2)];
           }
         }
       }

@@ -105,7 +105,7 @@ const int kThreads[] = {1, 3};
 
 std::vector<Isa> simd_isas() {
   std::vector<Isa> isas;
-  for (Isa isa : {Isa::kAvx2, Isa::kNeon}) {
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
     if (isa_supported(isa)) isas.push_back(isa);
   }
   return isas;
@@ -592,7 +592,7 @@ void test_malformed_quant(std::mt19937* rng) {
                  "quant create, kernel out of range");
 
   // Unsupported instruction set on this machine.
-  for (Isa isa : {Isa::kAvx2, Isa::kNeon}) {
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
     if (isa_supported(isa)) continue;
     std::unique_ptr<QuantConv2d> conv;
     Status status = QuantConv2d::create(good.desc(), isa, &conv);

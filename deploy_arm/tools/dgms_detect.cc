@@ -3,6 +3,7 @@
 //   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
 //               [--dump-input tensor.bin] [--repeat R] [--warmup W]
 //               [--profile] [--dense-algorithm auto|direct]
+//               [--isa auto|scalar|avx2|avx512|neon]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -12,7 +13,9 @@
 // reports the median and minimum latency on stderr; --profile prints the
 // main graph's time per operator kind (one more run) on stderr.
 // --dense-algorithm direct turns Winograd off for the full-precision 3x3
-// stride-1 layers (ModelOptions::dense_algorithm). --dump-input writes the
+// stride-1 layers (ModelOptions::dense_algorithm). --isa picks the
+// kernels' instruction set (ModelOptions::isa); one the build or the CPU
+// lacks is an error. --dump-input writes the
 // network input (after resizing, channel order, normalisation and padding)
 // as a tensor file before detection runs.
 #include <fcntl.h>
@@ -275,6 +278,7 @@ int usage(FILE* stream = stderr, int code = 2) {
                "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
                "                   [--dense-algorithm auto|direct] "
                "[--dump-input tensor.bin]\n"
+               "                   [--isa auto|scalar|avx2|avx512|neon]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
                "--threads: conv threads (default 1); --repeat: time R "
                "detect runs after W\n"
@@ -286,7 +290,10 @@ int usage(FILE* stream = stderr, int code = 2) {
                "--dense-algorithm: how full-precision 3x3 stride-1 layers "
                "run: auto (Winograd\n"
                "  where faster, default) or direct (no Winograd, 4x less "
-               "filter memory)\n");
+               "filter memory)\n"
+               "--isa: instruction set of the conv kernels (default auto: "
+               "the best one\n"
+               "  this CPU supports)\n");
   return code;
 }
 
@@ -303,6 +310,7 @@ int main(int argc, char** argv) {
   bool profile = false;
   std::string output, dump_input;
   dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
+  dgms_rt::Isa isa = dgms_rt::Isa::kAuto;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&](const char* name) -> const char* {
@@ -338,6 +346,23 @@ int main(int argc, char** argv) {
       } else {
         std::fprintf(stderr, "dgms_detect: --dense-algorithm is '%s', "
                      "expected auto or direct\n", name.c_str());
+        return 2;
+      }
+    }
+    else if (arg == "--isa") {
+      const std::string name = value("--isa");
+      bool known = false;
+      for (dgms_rt::Isa candidate :
+           {dgms_rt::Isa::kAuto, dgms_rt::Isa::kScalar, dgms_rt::Isa::kAvx2,
+            dgms_rt::Isa::kAvx512, dgms_rt::Isa::kNeon}) {
+        if (name == dgms_rt::isa_name(candidate)) {
+          isa = candidate;
+          known = true;
+        }
+      }
+      if (!known) {
+        std::fprintf(stderr, "dgms_detect: --isa is '%s', expected auto, "
+                     "scalar, avx2, avx512 or neon\n", name.c_str());
         return 2;
       }
     }
@@ -377,6 +402,7 @@ int main(int argc, char** argv) {
   dgms_rt::ModelOptions options;
   options.threads = threads;
   options.dense_algorithm = dense_algorithm;
+  options.isa = isa;
   std::unique_ptr<dgms_rt::Model> model;
   const auto load_start = std::chrono::steady_clock::now();
   Status s = dgms_rt::Model::load_file(positional[0], options, &model);
@@ -420,9 +446,10 @@ int main(int argc, char** argv) {
   }
   std::sort(times.begin(), times.end());
   std::fprintf(stderr,
-               "dgms_detect: load %.1f ms; detect on %s input, %d thread(s): "
-               "median %.2f ms, min %.2f ms over %zu run(s)\n",
+               "dgms_detect: load %.1f ms; detect on %s input, %d thread(s), "
+               "isa %s: median %.2f ms, min %.2f ms over %zu run(s)\n",
                load_ms, tensor.shape_string().c_str(), threads,
+               dgms_rt::isa_name(dgms_rt::resolve_isa(isa)),
                times[times.size() / 2], times[0], times.size());
 
   if (profile) {

@@ -20,7 +20,7 @@ typedef enum {
   DGMS_OUT_OF_MEMORY = 3,
 } dgms_status;
 
-/* Instruction sets: 0 auto, 1 scalar, 2 avx2, 3 neon.
+/* Instruction sets: 0 auto, 1 scalar, 2 avx2, 3 neon, 4 avx512.
  * Activations: 0 none, 1 ReLU, 2 ReLU6.
  * Quantized kernels: 0 auto, 1 accumulate, 2 lookup (see QuantKernel). */
 

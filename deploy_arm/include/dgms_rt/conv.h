@@ -24,9 +24,9 @@
 namespace dgms_rt {
 
 // Instruction set of a kernel. kAuto picks the best one this CPU supports.
-enum class Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kNeon = 3 };
+enum class Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kNeon = 3, kAvx512 = 4 };
 
-// Returns "auto", "scalar", "avx2" or "neon".
+// Returns "auto", "scalar", "avx2", "neon" or "avx512".
 const char* isa_name(Isa isa);
 
 // Returns true when this build contains the kernels for isa and the CPU

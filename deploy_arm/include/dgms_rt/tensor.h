@@ -2,14 +2,43 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dgms_rt {
 
+// An allocator that leaves new floats uninitialised: resize() on a
+// FloatVector does not zero-fill, so the executor can reuse a tensor's
+// buffer for a larger tensor without writing it twice. Everything else
+// behaves as std::allocator.
+template <class T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <class U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// Float storage of tensors. Note: FloatVector(n) and resize(n) leave the
+// new values unspecified; use assign(n, 0.0f) for zeros.
+using FloatVector = std::vector<float, UninitializedAllocator<float>>;
+
 struct Tensor {
   std::vector<int64_t> shape;  // e.g. (N, C, H, W) or (N, features)
-  std::vector<float> data;     // row-major, product(shape) values
+  FloatVector data;            // row-major, product(shape) values
 
   int64_t numel() const {
     int64_t n = 1;

@@ -41,6 +41,7 @@ struct Ops {
 
 #include "../kernel_impl.h"
 #include "../winograd_impl.h"
+#include "../kernel_table_impl.h"
 
 // 8 segments (32 pixels) x 2 partial sums = 16 add chains plus 8 output
 // accumulators: 24 of the 32 vector registers.
@@ -53,25 +54,9 @@ constexpr int kDenseSingleTile = 8;
 }  // namespace
 
 const KernelTable& neon_kernels() {
-  static const KernelTable table = {
-      Isa::kNeon,
-      Ops::kLanes,
-      kQuantTile,
-      kDenseTile,
-      kDenseOutBlock,
-      kDenseSingleTile,
-      &quant_tile<Ops, kQuantTile>,
-      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &dense_tile<Ops, kDenseSingleTile, 1>,
-      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &lookup_tile<Ops, kDenseSingleTile, 1>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, DenseKernelArgs>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, LookupKernelArgs>,
-      &prepare_plane<Ops>,
-      &depthwise<Ops>,
-      &winograd_input<Ops>,
-      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
-  };
+  static const KernelTable table =
+      make_kernel_table<Ops, kQuantTile, kDenseTile, kDenseOutBlock,
+                        kDenseSingleTile>(Isa::kNeon);
   return table;
 }
 

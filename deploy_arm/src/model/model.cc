@@ -35,15 +35,16 @@ Status check_elements(int64_t count, const std::string& what) {
 }
 
 // The buffers of values that died earlier in one graph run, handed to
-// later outputs. A new std::vector is zero-filled, and a tensor of
-// megabytes is page-faulted on first touch, on every run; a reused buffer
-// costs neither. Every operator and Conv2d::run writes all elements of its
-// output, so the stale contents never show.
+// later outputs. A new buffer is page-faulted on first touch, which costs
+// more than a small layer's arithmetic; a reused one does not, and growing
+// a FloatVector within its capacity writes nothing. Every operator and
+// Conv2d::run writes all elements of its output, so the stale contents
+// never show.
 class BufferPool {
  public:
-  // Returns a vector of `count` floats: the smallest free buffer with the
-  // capacity (contents unspecified), or a new zeroed one.
-  std::vector<float> take(size_t count) {
+  // Returns a vector of `count` floats, contents unspecified: the smallest
+  // free buffer with the capacity, or a new one.
+  FloatVector take(size_t count) {
     size_t best = free_.size();
     for (size_t i = 0; i < free_.size(); ++i) {
       const size_t capacity = free_[i].capacity();
@@ -51,8 +52,8 @@ class BufferPool {
           (best == free_.size() || capacity < free_[best].capacity()))
         best = i;
     }
-    if (best == free_.size()) return std::vector<float>(count);
-    std::vector<float> buffer = std::move(free_[best]);
+    if (best == free_.size()) return FloatVector(count);
+    FloatVector buffer = std::move(free_[best]);
     free_[best] = std::move(free_.back());
     free_.pop_back();
     buffer.resize(count);
@@ -60,23 +61,23 @@ class BufferPool {
   }
 
   // Takes over the buffer of a value that is no longer needed.
-  void give(std::vector<float>* buffer) {
+  void give(FloatVector* buffer) {
     if (buffer->capacity() > 0) free_.push_back(std::move(*buffer));
-    buffer->clear();
+    *buffer = FloatVector();
   }
 
   // Moves all free buffers to or from `other` (appending).
-  void adopt(std::vector<std::vector<float>>* other) {
+  void adopt(std::vector<FloatVector>* other) {
     for (auto& buffer : *other) free_.push_back(std::move(buffer));
     other->clear();
   }
-  void release(std::vector<std::vector<float>>* other) {
+  void release(std::vector<FloatVector>* other) {
     for (auto& buffer : free_) other->push_back(std::move(buffer));
     free_.clear();
   }
 
  private:
-  std::vector<std::vector<float>> free_;
+  std::vector<FloatVector> free_;
 };
 
 // Merges each relu or relu6 node into the add before it when the add has
@@ -134,7 +135,7 @@ class ModelImpl {
   // parallel each take what is there; the cache keeps about the peak
   // activation memory of one run between runs.
   mutable std::mutex cache_mutex;
-  mutable std::vector<std::vector<float>> cached_buffers;
+  mutable std::vector<FloatVector> cached_buffers;
 
   // Returns the buffers of graph outputs that the caller no longer needs
   // to the cache.
@@ -479,12 +480,20 @@ class ModelImpl {
                        std::to_string(t.data.size()) +
                        " values; expected positive dimensions and a matching "
                        "value count");
-      values[size_t(graph.inputs[i])] = t;
     }
     BufferPool buffers;
     {
       std::lock_guard<std::mutex> lock(cache_mutex);
       buffers.adopt(&cached_buffers);
+    }
+    // The inputs are copied into reused buffers: new ones would be
+    // page-faulted on every run.
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      Tensor& value = values[size_t(graph.inputs[i])];
+      value.shape = inputs[i].shape;
+      value.data = buffers.take(inputs[i].data.size());
+      std::copy(inputs[i].data.begin(), inputs[i].data.end(),
+                value.data.begin());
     }
     for (size_t i = 0; i < graph.nodes.size(); ++i) {
       const NodeData& node = graph.nodes[i];

@@ -54,6 +54,7 @@ struct Ops {
 
 #include "../kernel_impl.h"
 #include "../winograd_impl.h"
+#include "../kernel_table_impl.h"
 
 // 4 segments x 2 partial sums give 8 independent add chains, enough to
 // cover the add latency (4 cycles at 2 per cycle on recent cores).
@@ -67,25 +68,9 @@ constexpr int kDenseSingleTile = 8;
 }  // namespace
 
 const KernelTable& avx2_kernels() {
-  static const KernelTable table = {
-      Isa::kAvx2,
-      Ops::kLanes,
-      kQuantTile,
-      kDenseTile,
-      kDenseOutBlock,
-      kDenseSingleTile,
-      &quant_tile<Ops, kQuantTile>,
-      &dense_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &dense_tile<Ops, kDenseSingleTile, 1>,
-      &lookup_tile<Ops, kDenseTile, kDenseOutBlock>,
-      &lookup_tile<Ops, kDenseSingleTile, 1>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, DenseKernelArgs>,
-      &flat_chunk<Ops, kDenseTile, kDenseOutBlock, LookupKernelArgs>,
-      &prepare_plane<Ops>,
-      &depthwise<Ops>,
-      &winograd_input<Ops>,
-      &winograd_block<Ops, kDenseTile, kDenseOutBlock>,
-  };
+  static const KernelTable table =
+      make_kernel_table<Ops, kQuantTile, kDenseTile, kDenseOutBlock,
+                        kDenseSingleTile>(Isa::kAvx2);
   return table;
 }
 
