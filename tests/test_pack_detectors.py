@@ -4,6 +4,7 @@ Checkpoints here come from the tiny test configs with random weights,
 random BatchNorm statistics and k-means-initialised mixtures: packing only
 needs the hard assignment, not a trained detector.
 """
+import os
 import pickle
 
 import pytest
@@ -14,7 +15,7 @@ from mmengine.runner import Runner
 
 from mmdgms.convert import convert_model, dgms_layers
 from mmdgms.pack import (PackError, build_packed_detector, load_dgms_detector,
-                         read_packed)
+                         pack_checkpoint, read_packed)
 from mmdgms.pack.detectors import trace_detector
 from mmdgms.pack.packer import build_model, describe_model
 from mmdgms.pack.writer import encode_packed
@@ -29,8 +30,13 @@ BASES = {
 BITS = (2, 3, 4, 8)
 
 
-def make_checkpoint(config, path, seed: int, dgms: bool = True) -> None:
-    """Save an MMEngine-style checkpoint of ``config``'s detector."""
+def make_checkpoint(config, path, seed: int, dgms: bool = True,
+                    calibrate_norms: bool = True) -> None:
+    """Save an MMEngine-style checkpoint of ``config``'s detector.
+
+    ``calibrate_norms`` runs two test batches through the backbone to set
+    the BatchNorm statistics, so it needs the config's data.
+    """
     cfg = Config.fromfile(str(config))
     torch.manual_seed(seed)
     build_model(cfg)  # registers mmdet's modules
@@ -41,15 +47,16 @@ def make_checkpoint(config, path, seed: int, dgms: bool = True) -> None:
     # terms, so that folding is not the identity and activations keep a
     # realistic scale.
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        for batch in first_batches(config):
-            inputs = model.data_preprocessor(batch, False)['inputs']
-            model.extract_feat(inputs)
-    model.eval()
+    if calibrate_norms:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        with torch.no_grad():
+            for batch in first_batches(config):
+                inputs = model.data_preprocessor(batch, False)['inputs']
+                model.extract_feat(inputs)
+        model.eval()
     for norm in norms:
         norm.momentum = 0.1
         norm.weight.data.uniform_(0.5, 1.5)
@@ -261,3 +268,113 @@ def test_report_without_output_writes_nothing(checkpoints, tmp_path):
     assert '3.00 bits per weight on average' in log
     assert 'no file written' in log
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope='module')
+def bit_width_mismatch(tmp_path_factory):
+    """Configs at 4 and 2 bits in one folder, and a checkpoint of the 4-bit
+    one, whose mixtures have other shapes than the 2-bit config's.
+
+    The configs point at a data folder that does not exist: loading and
+    packing read no data.
+    """
+    folder = tmp_path_factory.mktemp('bit-width-mismatch')
+    configs = {
+        bits: write_config(
+            folder / f'retinanet_{bits}bit.py', BASES['retinanet'],
+            folder / 'no-data',
+            f"custom_hooks = [dict(type='DGMSHook', bits={bits})]\n")
+        for bits in (4, 2)
+    }
+    checkpoint = folder / 'retinanet_4bit.pth'
+    make_checkpoint(configs[4], checkpoint, seed=0, calibrate_norms=False)
+    return configs, checkpoint
+
+
+def save_with_meta(source, path, meta: dict) -> None:
+    """Save the checkpoint ``source`` to ``path`` with ``meta`` in place of
+    its meta."""
+    checkpoint = torch.load(source, map_location='cpu', weights_only=True)
+    torch.save(dict(meta=meta, state_dict=checkpoint['state_dict']), path)
+
+
+@pytest.mark.parametrize('experiment', [
+    'retinanet_4bit', 'retinanet_renamed', 'retinanet_2bit', None
+], ids=['found', 'not-found', 'same-name', 'not-recorded'])
+def test_pack_mismatch_names_trained_config(bit_width_mismatch, tmp_path,
+                                            experiment):
+    configs, source = bit_width_mismatch
+    meta = dict(dataset_meta=dict(classes=('tree', )))
+    if experiment is not None:
+        meta['experiment_name'] = f'{experiment}_20240102_030405'
+        meta['cfg'] = configs[4].read_text()
+    checkpoint = tmp_path / 'model.pth'
+    save_with_meta(source, checkpoint, meta)
+    out = tmp_path / 'model.dgms'
+
+    with pytest.raises(PackError) as error:
+        pack_checkpoint(str(configs[2]), str(checkpoint), str(out))
+    message = str(error.value)
+
+    assert f'does not match {configs[2]}' in message
+    assert 'shape mismatches' in message
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ['model.pth']
+    if experiment == 'retinanet_4bit':
+        assert ('Pass the config the checkpoint was trained with: '
+                f'{configs[4]} ') in message
+        assert "checkpoint['meta']['cfg']" in message
+    elif experiment == 'retinanet_renamed':
+        assert (f'no retinanet_renamed.py is in {configs[2].parent}'
+                in message)
+        assert ("Save the text of checkpoint['meta']['cfg'] as "
+                'retinanet_renamed.py') in message
+    elif experiment == 'retinanet_2bit':
+        assert 'the config has changed since training' in message
+        assert str(configs[4]) not in message
+    else:
+        assert 'Pass the config file that tools/train.py was given' in message
+        assert "does not record its name" in message
+
+
+def test_pack_plain_trees_config_suggests_neighbours(tmp_path):
+    config = REPO_ROOT / 'configs' / 'trees' / 'retinanet_mnv2_fpn_trees_fp.py'
+    checkpoint = tmp_path / 'unused.pth'
+    checkpoint.write_bytes(b'')
+
+    with pytest.raises(PackError) as error:
+        load_dgms_detector(str(config), str(checkpoint))
+    message = str(error.value)
+
+    assert 'neither a DGMSDetector model nor' in message
+    for bits in (2, 4):
+        dgms_config = config.parent / f'retinanet_mnv2_fpn_trees_dgms{bits}.py'
+        assert dgms_config.is_file()
+        assert str(dgms_config) in message
+    assert 'configs/dgms' not in message
+
+
+@pytest.mark.parametrize('sibling', [False, True],
+                         ids=['alone', 'dgms-sibling'])
+def test_pack_plain_config_suggestion_outside_trees(tmp_path, sibling):
+    config = write_config(tmp_path / 'retinanet_fp.py', BASES['retinanet'],
+                          tmp_path / 'no-data')
+    checkpoint = tmp_path / 'unused.pth'
+    checkpoint.write_bytes(b'')
+    dgms_config = tmp_path / 'retinanet_dgms4.py'
+    if sibling:
+        write_config(dgms_config, BASES['retinanet'], tmp_path / 'no-data',
+                     "custom_hooks = [dict(type='DGMSHook', bits=4)]\n")
+
+    with pytest.raises(PackError) as error:
+        load_dgms_detector(str(config), str(checkpoint))
+    message = str(error.value)
+
+    assert 'neither a DGMSDetector model nor' in message
+    if sibling:
+        assert f'such as {dgms_config}' in message
+        assert 'configs/dgms' not in message
+    else:
+        assert 'e.g. one in ' in message
+        assert message.endswith(f'configs{os.sep}dgms{os.sep}')
+        assert 'such as' not in message

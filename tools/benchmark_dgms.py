@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [
     'configs/dgms/retinanet_r50_4bit.py',

@@ -21,6 +21,8 @@ import os.path as osp
 import sys
 import time
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import HOOKS

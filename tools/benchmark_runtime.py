@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import numpy as np
 import torch
 from mmengine.logging import print_log

@@ -11,6 +11,8 @@ Example:
 import argparse
 import sys
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmdgms.data.pypi_cache import WheelDownloadError
 from mmdgms.pretrained.mobilenet_v2 import (DEFAULT_CHECKPOINT,
                                             convert_mobilenet_v2_file,

@@ -16,6 +16,8 @@ import argparse
 import math
 import os.path as osp
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import torch
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)

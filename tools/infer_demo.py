@@ -14,6 +14,8 @@ Example:
 import argparse
 import os.path as osp
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import mmcv
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)

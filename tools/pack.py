@@ -15,6 +15,8 @@ import sys
 import time
 from typing import List
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmdgms.pack import (PackedFormatError, PackError, UnsupportedModelError,
                          pack_checkpoint)
 from mmdgms.pack.writer import LayerReport

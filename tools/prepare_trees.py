@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmdgms.data import WheelDownloadError, prepare_tree_dataset
 
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log

@@ -13,6 +13,8 @@ import argparse
 import os.path as osp
 import sys
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmengine.config import Config
 from mmengine.registry import HOOKS, init_default_scope
 

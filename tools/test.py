@@ -10,6 +10,8 @@ Example:
 import argparse
 import os.path as osp
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmengine.config import Config, DictAction
 from mmengine.model import is_model_wrapper
 

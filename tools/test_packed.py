@@ -12,6 +12,8 @@ import argparse
 import os.path as osp
 import sys
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 

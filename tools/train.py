@@ -10,6 +10,8 @@ import argparse
 import datetime
 import os.path as osp
 
+import warning_filters  # noqa: F401  (before mmengine, mmcv and mmdet)
+
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction

@@ -9,6 +9,7 @@ import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
+from .config_advice import dgms_config_suggestion, trained_config_advice
 from .container import write_atomic
 from .detectors import attach_graphs, trace_detector
 from .executor import GraphExecutor
@@ -41,8 +42,8 @@ def _find_dgms_hook(cfg: Config, config_path: str) -> dict:
         raise PackError(
             f'{config_path} has neither a DGMSDetector model nor a DGMSHook '
             'in custom_hooks, so it does not describe a DGMS model. Pass the '
-            'DGMS config the checkpoint was trained with (e.g. one in '
-            'configs/dgms/)')
+            'DGMS config the checkpoint was trained with, '
+            f'{dgms_config_suggestion(config_path)}')
     return copy.deepcopy(hooks[0])
 
 
@@ -77,20 +78,6 @@ def plain_model_config(model_cfg: dict) -> dict:
         plain['type'] = plain.pop('detector_type')
         plain.pop('dgms', None)
     return plain
-
-
-def _checkpoint_hint(checkpoint_path: str) -> str:
-    """Return a sentence naming the config the checkpoint was trained with,
-    from MMEngine's ``meta['experiment_name']``, or ''."""
-    from ..apis.checkpoint_match import read_checkpoint_summary
-    try:
-        name = read_checkpoint_summary(checkpoint_path).config_name
-    except (OSError, ValueError, RuntimeError):
-        return ''
-    if not name:
-        return ''
-    return (f' The checkpoint was trained with config {name!r} (see '
-            "checkpoint['meta']['cfg'] for its full text).")
 
 
 def load_dgms_detector(config_path: str, checkpoint_path: str):
@@ -165,15 +152,16 @@ def load_dgms_detector(config_path: str, checkpoint_path: str):
     if problems:
         raise PackError(
             f'{checkpoint_path} does not match {config_path}: '
-            f'{"; ".join(problems)}. Pass the config the checkpoint was '
-            'trained with.' + _checkpoint_hint(checkpoint_path))
+            f'{"; ".join(problems)}. '
+            f'{trained_config_advice(checkpoint_path, config_path)}')
     model.load_state_dict(state)
     for name, layer in dgms_layers(model).items():
         if not layer.mixture.initialized:
             raise PackError(
                 f'{checkpoint_path} has no trained mixture for {name} at '
                 f'{layer.bits} bits: it does not match the DGMS settings of '
-                f'{config_path}.' + _checkpoint_hint(checkpoint_path))
+                f'{config_path}. '
+                f'{trained_config_advice(checkpoint_path, config_path)}')
     model.eval()
     return model, cfg, meta
 

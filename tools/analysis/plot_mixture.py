@@ -18,6 +18,10 @@ import argparse
 import os.path as osp
 import sys
 
+# The warning filters that every tool installs live in tools/.
+sys.path.append(osp.dirname(osp.dirname(osp.abspath(__file__))))
+import warning_filters  # noqa: F401  (before mmengine and mmdet)
+
 import torch
 
 import mmdgms  # noqa: F401  (registers DGMS parts and safe checkpoint loading)
