@@ -557,8 +557,8 @@ def test_cli_usage(detect_binary):
 
 def test_instruction_sets_agree(packed, tensor_file, detect_binary):
     """Every instruction set this CPU runs gives the scalar kernels'
-    detections; the SIMD ones give the same bits as each other, and one
-    the CPU lacks is an error that names it."""
+    detections, and the SIMD ones give the same bits as each other. One
+    that the CPU lacks is an error that names it."""
     _, _, path = packed
     base = [str(detect_binary), str(path), str(tensor_file[0])]
     outputs = {}
@@ -653,3 +653,29 @@ def test_dump_input_rejects_bad_paths(packed, tensor_file, detect_binary,
     assert json.loads(same.read_text())['detections']
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'copy.bin', 'folder', 'out.json']
+
+
+def test_benchmark_folds_scales_exactly_enough(packed):
+    """The ONNX Runtime baseline of tools/benchmark_runtime.py runs the
+    graph with each conv's scale folded into its weights. That changes
+    only the rounding of the graph's outputs."""
+    from benchmark_runtime import fold_scales
+    from mmdgms.pack.executor import GraphExecutor
+
+    _, _, path = packed
+    graph = read_packed(path.read_bytes()).graphs['main']
+    plain = GraphExecutor(graph).eval()
+    folded = fold_scales(GraphExecutor(graph).eval())
+    scales = [name for name, _ in plain.named_buffers()
+              if name.endswith('_scale')]
+    assert scales, 'the test model has no folded BatchNorm scales'
+    assert not [name for name, _ in folded.named_buffers()
+                if name.endswith('_scale')]
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        expected, got = plain(image), folded(image)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4,
+                                   atol=1e-4, msg=lambda m: f'{name}: {m}')

@@ -165,7 +165,7 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
 
 // Whether a dense-style layer with `taps` taps runs in chunks of tiles
 // (see run_flat) rather than tile by tile: when a tile's packed inputs are
-// small (at most 4 KiB), so that a chunk holds many tiles and the layer
+// small (at most 4 KiB), so that a chunk has many tiles and the layer
 // writes long output runs.
 bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
 

@@ -532,7 +532,7 @@ void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
     }
     return;
   }
-  // Phase q holds the padded columns q, q + stride_w, ..., which are the
+  // Phase q contains the padded columns q, q + stride_w, ..., which are the
   // input columns x = q - pad_w + j * stride_w with x >= 0: count of them
   // from column first, stored from position begin of the phase.
   for (int64_t q = 0; q < p.stride_w; ++q) {

@@ -74,7 +74,7 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
   std::fill(scratch + (args.pad_h + y_end) * row_stride,
             scratch + rows * row_stride, 0.0f);
   for (int64_t q = 0; q < 4; ++q) {
-    // Phase position j holds padded column 4 * j + q, input column
+    // Phase position j contains padded column 4 * j + q, input column
     // 4 * j + q - pad_w, for j in [j_begin, j_end).
     const int64_t j_begin = (args.pad_w - q + 3) / 4;
     const int64_t j_end = (args.pad_w + x_end - q + 3) / 4;

@@ -292,8 +292,8 @@ int usage(FILE* stream = stderr, int code = 2) {
                "  where faster, default) or direct (no Winograd, 4x less "
                "filter memory)\n"
                "--isa: instruction set of the conv kernels (default auto: "
-               "the best one\n"
-               "  this CPU supports)\n");
+               "NEON on AArch64,\n"
+               "  AVX2 on x86-64 CPUs with AVX2 and FMA, else scalar)\n");
   return code;
 }
 

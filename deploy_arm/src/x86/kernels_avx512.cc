@@ -1,7 +1,8 @@
 // x86-64 AVX-512 kernels: 16 output pixels per vector and 32 vector
-// registers. This file is compiled with -mavx512f -mfma and only called
-// after a runtime CPU check. Every lane gets the same operations as in the
-// AVX2 and scalar kernels, so the quantized results are the same bits.
+// registers. This file is compiled with -mavx512f -mavx2 -mfma and only
+// called after a runtime CPU check. Every lane gets the same operations
+// as in the AVX2 and scalar kernels, so the quantized results are the
+// same bits.
 #include <immintrin.h>
 
 #include "../kernels.h"
