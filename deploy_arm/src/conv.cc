@@ -296,10 +296,10 @@ bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels) {
   return taps * kernels.dense_tile_segments * kernels.lanes <= 1024;
 }
 
-void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
-              int64_t block_weights, int64_t tile_floats,
-              const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
-                  kernel) {
+void run_chunked(
+    ThreadPool* pool, int64_t num_tiles, int64_t blocks,
+    int64_t block_weights, int64_t tile_floats,
+    const std::function<void(int64_t, int64_t, int64_t, int64_t)>& kernel) {
   const int threads = pool != nullptr ? pool->num_threads() : 1;
   const int64_t tiles_per_chunk = chunk_size(
       num_tiles, std::max<int64_t>(1, 16384 / tile_floats), 4 * threads);

@@ -164,19 +164,20 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel);
 
 // Whether a dense-style layer with `taps` taps runs in chunks of tiles
-// (see run_flat) rather than tile by tile: when a tile's packed inputs are
+// (see run_chunked) rather than tile by tile: when a tile's packed inputs are
 // small (at most 4 KiB), so that a chunk has many tiles and the layer
 // writes long output runs.
 bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
 
 // Runs kernel(tile_begin, tile_end, block_begin, block_end) over all
-// tiles and blocks: chunks of tiles whose packed inputs (tile_floats
-// each) take about 64 KiB, times ranges of blocks with about 256 KiB of
-// weights (`block_weights` per block), and at least 4 items per thread.
-void run_flat(ThreadPool* pool, int64_t num_tiles, int64_t blocks,
-              int64_t block_weights, int64_t tile_floats,
-              const std::function<void(int64_t, int64_t, int64_t, int64_t)>&
-                  kernel);
+// tiles and blocks. The work items are chunks of tiles whose packed
+// inputs (tile_floats each) take about 64 KiB, times ranges of blocks
+// with about 64 K weights (`block_weights` per block), at least 4 items
+// per thread where the layer has them.
+void run_chunked(
+    ThreadPool* pool, int64_t num_tiles, int64_t blocks,
+    int64_t block_weights, int64_t tile_floats,
+    const std::function<void(int64_t, int64_t, int64_t, int64_t)>& kernel);
 
 // Runs fn(i) for i in [0, count) on pool, or inline when pool is null.
 void run_parallel(ThreadPool* pool, int64_t count,
@@ -184,14 +185,15 @@ void run_parallel(ThreadPool* pool, int64_t count,
 
 // Runs a dense-style kernel (dense or lookup) on a plan marked raw_input
 // that is not Winograd. A flat plan reads the unprepared input directly
-// through `blocked`; any other plan runs `single` one group at a time (see
-// run_per_group). args describes the layer with a null input.
+// through `chunk` (see run_chunked); any other plan runs `single` one
+// group at a time (see run_per_group). args describes the layer with a
+// null input.
 template <class Args>
 void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
                          const float* input, Args args,
                          int64_t blocks_per_group,
-                         void (*flat)(const Args&, int64_t, int64_t, int64_t,
-                                      int64_t),
+                         void (*chunk)(const Args&, int64_t, int64_t, int64_t,
+                                       int64_t),
                          void (*single)(const Args&, int64_t, int64_t,
                                         int64_t),
                          const detail::KernelTable& kernels,
@@ -200,14 +202,13 @@ void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
     args.input = input;
     args.group_input_stride =
         (g.in_channels / g.groups) * plan.height * plan.width;
-    args.raw_input = true;
-    run_flat(pool, plan.num_tiles, g.groups * blocks_per_group,
-             args.taps * kernels.dense_out_block,
-             args.taps * kernels.dense_tile_segments * kernels.lanes,
-             [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
-                 int64_t block_end) {
-               flat(args, tile_begin, tile_end, block_begin, block_end);
-             });
+    run_chunked(pool, plan.num_tiles, g.groups * blocks_per_group,
+                args.taps * kernels.dense_out_block,
+                args.taps * kernels.dense_tile_segments * kernels.lanes,
+                [&](int64_t tile_begin, int64_t tile_end,
+                    int64_t block_begin, int64_t block_end) {
+                  chunk(args, tile_begin, tile_end, block_begin, block_end);
+                });
     return;
   }
   run_per_group(g, plan, kernels, input, pool,

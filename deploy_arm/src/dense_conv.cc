@@ -261,7 +261,6 @@ detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
   args.pack_inputs = g.kernel_h * g.kernel_w == 1;
-  args.raw_input = false;
   return args;
 }
 
@@ -283,7 +282,7 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
     return;
   }
   run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output),
-                      weights_->blocks_per_group, kernels.dense_flat,
+                      weights_->blocks_per_group, kernels.dense_chunk,
                       kernels.dense_single, kernels,
                       pool);
 }
@@ -384,14 +383,14 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
   const detail::DenseKernelArgs args = dense_args(plan, prepared, output);
 
   if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
-    run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
-             args.taps * w.out_block,
-             args.taps * kernels.dense_tile_segments * kernels.lanes,
-             [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
-                 int64_t block_end) {
-               kernels.dense_flat(args, tile_begin, tile_end, block_begin,
-                                  block_end);
-             });
+    run_chunked(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+                args.taps * w.out_block,
+                args.taps * kernels.dense_tile_segments * kernels.lanes,
+                [&](int64_t tile_begin, int64_t tile_end,
+                    int64_t block_begin, int64_t block_end) {
+                  kernels.dense_chunk(args, tile_begin, tile_end,
+                                      block_begin, block_end);
+                });
     return;
   }
   const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;

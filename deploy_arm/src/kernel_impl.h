@@ -151,14 +151,11 @@ struct TileInputs {
   const int32_t* offsets = nullptr;  // null when packed
 
   // Points at the tile's inputs of conv group `group`; packs them into
-  // panel_storage when `pack` is set. With `partial`, the input is the
-  // layer's unprepared input (flat 1x1 plans), which has no slack after
-  // the last pixel, so segments with fewer than kLanes pixels are loaded
-  // partially and packing is required.
+  // panel_storage when `pack` is set.
   void prepare(const float* input, int64_t group_input_stride,
                const int32_t* tap_offsets, int64_t taps,
                const Segment* segments, int64_t group, bool pack,
-               bool partial, std::vector<float>* panel_storage) {
+               std::vector<float>* panel_storage) {
     const float* group_input = input + group * group_input_stride;
     for (int s = 0; s < kTile; ++s) {
       base[s] = group_input + segments[s].input_offset;
@@ -172,12 +169,8 @@ struct TileInputs {
     float* panel = panel_storage->data();
     for (int64_t t = 0; t < taps; ++t) {
       for (int s = 0; s < kTile; ++s) {
-        const float* source = base[s] + tap_offsets[t];
-        const typename Ops::Vec x =
-            partial && segments[s].lanes < Ops::kLanes
-                ? Ops::load_partial(source, segments[s].lanes)
-                : Ops::load(source);
-        Ops::store(panel + t * kWidth + s * Ops::kLanes, x, Ops::kLanes);
+        Ops::store(panel + t * kWidth + s * Ops::kLanes,
+                   Ops::load(base[s] + tap_offsets[t]), Ops::kLanes);
       }
     }
     for (int s = 0; s < kTile; ++s) base[s] = panel + s * Ops::kLanes;
@@ -200,8 +193,7 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
-  const bool pack =
-      args.raw_input || (args.pack_inputs && block_end - block_begin > 1);
+  const bool pack = args.pack_inputs && block_end - block_begin > 1;
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
@@ -210,8 +202,7 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
     if (group != prepared_group) {
       inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, args.raw_input,
-                     &panel);
+                     args.taps, segments, group, pack, &panel);
       prepared_group = group;
     }
 
@@ -264,8 +255,7 @@ void lookup_tile_body(const LookupKernelArgs& args, int64_t tile,
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
-  const bool pack =
-      args.raw_input || (args.pack_inputs && block_end - block_begin > 1);
+  const bool pack = args.pack_inputs && block_end - block_begin > 1;
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
@@ -274,8 +264,7 @@ void lookup_tile_body(const LookupKernelArgs& args, int64_t tile,
     const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
     if (group != prepared_group) {
       inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, args.raw_input,
-                     &panel);
+                     args.taps, segments, group, pack, &panel);
       prepared_group = group;
     }
 
@@ -320,16 +309,18 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   });
 }
 
-// Flat 1x1 plans (ConvPlan::flat): the tiles [tile_begin, tile_end) for
-// the output-channel blocks [block_begin, block_end). The tiles' inputs of
-// a conv group are packed into one panel, [tile][tap][kTile * kLanes],
-// reading each input channel as one contiguous run that the hardware
-// prefetchers follow. Then each block runs over all the tiles, writing
+// A chunk of tiles, [tile_begin, tile_end), for the output-channel blocks
+// [block_begin, block_end), of a flat 1x1 plan (ConvPlan::flat) or of a
+// layer with few taps (see chunked_tiles). The tiles' inputs of a conv
+// group are packed into one panel, [tile][tap][kTile * kLanes], reading
+// each input channel (of a flat plan) as one contiguous run that the
+// hardware prefetchers follow. Partial segments are loaded partially,
+// since a flat plan's input has no slack after its last pixel. Then each block runs over all the tiles, writing
 // kOutBlock contiguous output runs. Every output vector gets the same
 // operations as in dense_tile or lookup_tile, so the results are the same
 // bits.
 template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct>
-void flat_body(const Args& args, int64_t tile_begin, int64_t tile_end,
+void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
                int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
@@ -426,10 +417,10 @@ void flat_body(const Args& args, int64_t tile_begin, int64_t tile_end,
 }
 
 template <class Ops, int kTile, int kOutBlock, class Args>
-void flat_chunk(const Args& args, int64_t tile_begin, int64_t tile_end,
+void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
                 int64_t block_begin, int64_t block_end) {
   with_activation(args.activation, [&](auto act) {
-    flat_body<Ops, kTile, kOutBlock, Args, decltype(act)::value>(
+    chunk_body<Ops, kTile, kOutBlock, Args, decltype(act)::value>(
         args, tile_begin, tile_end, block_begin, block_end);
   });
 }

@@ -60,7 +60,6 @@ struct DenseKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
-  bool raw_input;                // unprepared input (flat 1x1 plans)
 };
 
 struct LookupKernelArgs {
@@ -79,7 +78,6 @@ struct LookupKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
-  bool raw_input;                // unprepared input (flat 1x1 plans)
 };
 
 // The prepared layout of one channel plane (see ConvPlan): zero padding
@@ -176,14 +174,14 @@ struct KernelTable {
                  int64_t block_begin, int64_t block_end);
   void (*lookup_single)(const LookupKernelArgs& args, int64_t tile,
                         int64_t block_begin, int64_t block_end);
-  // Flat 1x1 plans: the tiles [tile_begin, tile_end) for the global
-  // output-channel blocks [block_begin, block_end), dense and lookup.
-  void (*dense_flat)(const DenseKernelArgs& args, int64_t tile_begin,
-                     int64_t tile_end, int64_t block_begin,
-                     int64_t block_end);
-  void (*lookup_flat)(const LookupKernelArgs& args, int64_t tile_begin,
+  // A chunk of tiles [tile_begin, tile_end) for the global output-channel
+  // blocks [block_begin, block_end), dense and lookup (see chunk_body).
+  void (*dense_chunk)(const DenseKernelArgs& args, int64_t tile_begin,
                       int64_t tile_end, int64_t block_begin,
                       int64_t block_end);
+  void (*lookup_chunk)(const LookupKernelArgs& args, int64_t tile_begin,
+                       int64_t tile_end, int64_t block_begin,
+                       int64_t block_end);
   // Copies a channel plane into the prepared layout.
   void (*prepare)(const PlaneLayout& layout, const float* src, float* dst);
   // Computes a depthwise channel's whole output plane (see DepthwiseArgs).

@@ -313,7 +313,6 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
   args.pack_inputs = g.kernel_h * g.kernel_w == 1;
-  args.raw_input = false;
   return args;
 }
 
@@ -332,7 +331,7 @@ void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
   }
   run_raw_dense_style(geometry_, plan, input,
                       lookup_args(plan, nullptr, output),
-                      weights_->blocks_per_group, kernels.lookup_flat,
+                      weights_->blocks_per_group, kernels.lookup_chunk,
                       kernels.lookup_single, kernels,
                       pool);
 }
@@ -346,14 +345,14 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
   if (kernel_ == QuantKernel::kLookup) {
     const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
-      run_flat(pool, plan.num_tiles, g.groups * w.blocks_per_group,
-               args.taps * w.out_block,
-               args.taps * kernels.dense_tile_segments * kernels.lanes,
-               [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
-                   int64_t block_end) {
-                 kernels.lookup_flat(args, tile_begin, tile_end, block_begin,
-                                     block_end);
-               });
+      run_chunked(pool, plan.num_tiles, g.groups * w.blocks_per_group,
+                  args.taps * w.out_block,
+                  args.taps * kernels.dense_tile_segments * kernels.lanes,
+                  [&](int64_t tile_begin, int64_t tile_end,
+                      int64_t block_begin, int64_t block_end) {
+                    kernels.lookup_chunk(args, tile_begin, tile_end,
+                                         block_begin, block_end);
+                  });
       return;
     }
     const auto kernel =
