@@ -183,6 +183,22 @@ void run_chunked(
 void run_parallel(ThreadPool* pool, int64_t count,
                   const std::function<void(int64_t)>& fn);
 
+// Runs a chunk kernel (dense_chunk or lookup_chunk) of a layer with
+// `out_block` output channels per block over all tiles and blocks.
+template <class Args>
+void run_chunk_kernel(const Args& args, int64_t num_tiles, int64_t blocks,
+                      int64_t out_block,
+                      void (*chunk)(const Args&, int64_t, int64_t, int64_t,
+                                    int64_t),
+                      const detail::KernelTable& kernels, ThreadPool* pool) {
+  run_chunked(pool, num_tiles, blocks, args.taps * out_block,
+              args.taps * kernels.dense_tile_segments * kernels.lanes,
+              [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
+                  int64_t block_end) {
+                chunk(args, tile_begin, tile_end, block_begin, block_end);
+              });
+}
+
 // Runs a dense-style kernel (dense or lookup) on a plan marked raw_input
 // that is not Winograd. A flat plan reads the unprepared input directly
 // through `chunk` (see run_chunked); any other plan runs `single` one
@@ -202,13 +218,8 @@ void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
     args.input = input;
     args.group_input_stride =
         (g.in_channels / g.groups) * plan.height * plan.width;
-    run_chunked(pool, plan.num_tiles, g.groups * blocks_per_group,
-                args.taps * kernels.dense_out_block,
-                args.taps * kernels.dense_tile_segments * kernels.lanes,
-                [&](int64_t tile_begin, int64_t tile_end,
-                    int64_t block_begin, int64_t block_end) {
-                  chunk(args, tile_begin, tile_end, block_begin, block_end);
-                });
+    run_chunk_kernel(args, plan.num_tiles, g.groups * blocks_per_group,
+                     kernels.dense_out_block, chunk, kernels, pool);
     return;
   }
   run_per_group(g, plan, kernels, input, pool,

@@ -383,14 +383,8 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
   const detail::DenseKernelArgs args = dense_args(plan, prepared, output);
 
   if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
-    run_chunked(pool, plan.num_tiles, g.groups * w.blocks_per_group,
-                args.taps * w.out_block,
-                args.taps * kernels.dense_tile_segments * kernels.lanes,
-                [&](int64_t tile_begin, int64_t tile_end,
-                    int64_t block_begin, int64_t block_end) {
-                  kernels.dense_chunk(args, tile_begin, tile_end,
-                                      block_begin, block_end);
-                });
+    run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
+                     w.out_block, kernels.dense_chunk, kernels, pool);
     return;
   }
   const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;

@@ -345,14 +345,8 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
   if (kernel_ == QuantKernel::kLookup) {
     const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
-      run_chunked(pool, plan.num_tiles, g.groups * w.blocks_per_group,
-                  args.taps * w.out_block,
-                  args.taps * kernels.dense_tile_segments * kernels.lanes,
-                  [&](int64_t tile_begin, int64_t tile_end,
-                      int64_t block_begin, int64_t block_end) {
-                    kernels.lookup_chunk(args, tile_begin, tile_end,
-                                         block_begin, block_end);
-                  });
+      run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
+                       w.out_block, kernels.lookup_chunk, kernels, pool);
       return;
     }
     const auto kernel =
