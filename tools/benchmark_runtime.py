@@ -53,13 +53,18 @@ def parse_args(argv=None):
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['demo4', 'r50-4'],
-                        choices=['demo4', 'demo2', 'r50-4', 'r50-2'])
-    parser.add_argument('--threads', type=int, default=1)
+                        choices=['demo4', 'demo2', 'r50-4', 'r50-2'],
+                        help='models to time (default: demo4 r50-4); the '
+                        'demo ones need tools/run_demo.py first')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='threads of all three runtimes (default: 1)')
     parser.add_argument('--size', type=int, nargs=2, default=None,
                         metavar=('H', 'W'),
                         help='input height and width (default: 416 416 for '
                         'the demo, 512 512 for R50)')
-    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--repeat', type=int, default=5,
+                        help='timed runs per model and runtime after one '
+                        'warm-up; the median is reported (default: 5)')
     parser.add_argument('--demo-root', default=REPO_ROOT,
                         help='checkout holding work_dirs/demo (default: '
                         'this one)')
@@ -75,6 +80,11 @@ def packed_bytes(name: str, demo_root: str) -> bytes:
         meta = dict(dataset_meta=dict(classes=None))
     else:
         config, checkpoint = DEMO[name]
+        if not os.path.isfile(os.path.join(demo_root, checkpoint)):
+            raise SystemExit(
+                f'{name}: checkpoint {os.path.join(demo_root, checkpoint)} '
+                'not found. Train the demo with tools/run_demo.py, or pass '
+                '--demo-root with the checkout that holds work_dirs/demo')
         model, cfg, meta = load_dgms_detector(
             os.path.join(demo_root, config),
             os.path.join(demo_root, checkpoint))
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = [bench_model(name, args) for name in args.models]
     print(f'threads {args.threads}, median of {args.repeat} runs, ms')
-    print(f'{"model":<8} {"input":>9} {"file MB":>8} {"runtime":>9} '
+    print(f'{"model":<8} {"input":>9} {"file MiB":>8} {"runtime":>9} '
           f'{"pytorch":>9} {"onnxrt*":>9}')
     for row in rows:
         cells = [f'{row[k]:9.1f}' if k in row else f'{"-":>9}'

@@ -53,7 +53,10 @@ Status read_file(const std::string& path, std::vector<uint8_t>* out) {
     return invalid(path + " is not a regular file (a folder?): give the "
                    "path of an image or tensor file");
   std::ifstream file(path, std::ios::binary);
-  if (!file) return invalid("cannot open " + path + ": check the path");
+  if (!file) {
+    return invalid("cannot open " + path + ": " + std::strerror(errno) +
+                   "; check the path");
+  }
   out->assign(std::istreambuf_iterator<char>(file),
               std::istreambuf_iterator<char>());
   return Status::Ok();
@@ -397,6 +400,13 @@ int main(int argc, char** argv) {
                  "are the same file; give them different files\n",
                  output.c_str(), dump_input.c_str());
     return 2;
+  }
+
+  if (!dgms_rt::isa_supported(isa)) {
+    std::fprintf(stderr, "dgms_detect: --isa %s is not available in this "
+                 "build or on this CPU; use --isa auto\n",
+                 dgms_rt::isa_name(isa));
+    return 1;
   }
 
   dgms_rt::ModelOptions options;

@@ -149,13 +149,16 @@ class Reader {
   // ---- container ----
   Status container(const uint8_t* data, uint64_t size,
                    std::vector<Section>* sections) const {
-    if (size < kHeaderSize)
-      return fail_file("is truncated: " + std::to_string(size) +
-                       " bytes, shorter than the 64-byte header");
-    if (std::memcmp(data, "DGMSPACK", 8) != 0)
+    // The magic first, so that a short file of another kind is named as
+    // such rather than as a truncated model.
+    const size_t magic_bytes = size < 8 ? static_cast<size_t>(size) : 8;
+    if (magic_bytes > 0 && std::memcmp(data, "DGMSPACK", magic_bytes) != 0)
       return fail_file(
           "is not a packed DGMS model: its magic is not DGMSPACK. Create one "
           "with tools/pack.py");
+    if (size < kHeaderSize)
+      return fail_file("is truncated: " + std::to_string(size) +
+                       " bytes, shorter than the 64-byte header");
     const int major = rd16(data + 8), minor = rd16(data + 10);
     const std::string version = std::to_string(major) + "." +
                                 std::to_string(minor);

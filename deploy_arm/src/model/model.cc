@@ -5,8 +5,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -571,7 +573,8 @@ Status Model::load_file(const std::string& path, const ModelOptions& options,
                    "path of a packed .dgms file");
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file)
-    return invalid("cannot open " + path + ": check the path");
+    return invalid("cannot open " + path + ": " + std::strerror(errno) +
+                   "; check the path");
   const std::streamoff size = file.tellg();
   if (size < 0) return invalid("cannot read " + path);
   std::vector<uint8_t> data(static_cast<size_t>(size));
