@@ -10,6 +10,10 @@
 namespace dgms_rt {
 namespace {
 
+// What a checksum mismatch means for the user.
+const std::string kDamaged =
+    ": the file was damaged after it was written; copy or pack it again";
+
 constexpr uint64_t kHeaderSize = 64;
 constexpr uint64_t kAlignment = 64;
 constexpr uint64_t kEntrySize = 32;
@@ -172,7 +176,7 @@ class Reader {
     std::memcpy(header, data, kHeaderSize);
     std::memset(header + 44, 0, 4);
     if (crc32(header, kHeaderSize) != rd32(data + 44))
-      return fail_file("has a corrupt header (CRC-32 mismatch)");
+      return fail_file("has a corrupt header (CRC-32 mismatch)" + kDamaged);
     if (rd32(data + 12) != kHeaderSize || rd32(data + 28) != kAlignment)
       return fail_file("has header size " + std::to_string(rd32(data + 12)) +
                        " and alignment " + std::to_string(rd32(data + 28)) +
@@ -182,7 +186,8 @@ class Reader {
       return fail_file("is " + std::to_string(size) +
                        " bytes but its header records " +
                        std::to_string(file_size) +
-                       ": the file is truncated or has trailing data");
+                       ": the file is truncated or has trailing data; "
+                       "copy or pack it again");
     const uint64_t count = rd32(data + 24);
     if (count > kMaxSections)
       return fail_file("declares " + std::to_string(count) +
@@ -195,7 +200,8 @@ class Reader {
     if (table_offset < kHeaderSize)
       return fail_file("has its section table inside the header");
     if (crc32(data + table_offset, count * kEntrySize) != rd32(data + 40))
-      return fail_file("has a corrupt section table (CRC-32 mismatch)");
+      return fail_file("has a corrupt section table (CRC-32 mismatch)" +
+                       kDamaged);
     Status s = padding(data, kHeaderSize, table_offset);
     if (!s.ok()) return s;
     uint64_t previous_end = table_end;
@@ -223,7 +229,7 @@ class Reader {
       s = padding(data, previous_end, offset);
       if (!s.ok()) return s;
       if (crc32(data + offset, length) != rd32(e + 24))
-        return fail(where, "is corrupt (CRC-32 mismatch)");
+        return fail(where, "is corrupt (CRC-32 mismatch)" + kDamaged);
       sections->push_back(Section{tag, data + offset, length});
       previous_end = offset + length;
     }
