@@ -164,8 +164,8 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel);
 
 // Whether a dense-style layer with `taps` taps runs in chunks of tiles
-// (see run_chunked) rather than tile by tile: when a tile's packed inputs are
-// small (at most 4 KiB), so that a chunk has many tiles and the layer
+// (see run_chunked) rather than tile by tile. It does when a tile's packed
+// inputs take at most 4 KiB, so that a chunk has many tiles and the layer
 // writes long output runs.
 bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
 

@@ -309,19 +309,47 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   });
 }
 
+// Adds one tap to a sum as the lookup kernel (kLookup: fused, so every
+// instruction set rounds once) or the dense kernel (fmadd) does.
+template <class Ops, bool kLookup>
+inline typename Ops::Vec accumulate_tap(typename Ops::Vec weight,
+                                        typename Ops::Vec x,
+                                        typename Ops::Vec sum) {
+  return kLookup ? Ops::fused(weight, x, sum) : Ops::fmadd(weight, x, sum);
+}
+
+// Turns a sum into an output as the lookup kernel (sum * scale + bias,
+// rounded twice) or the dense kernel (fma(sum, scale, bias) with a scale,
+// sum + bias without) does, then applies the activation.
+template <class Ops, bool kLookup, Activation kAct>
+inline typename Ops::Vec finish_output(typename Ops::Vec sum,
+                                       typename Ops::Vec scale,
+                                       typename Ops::Vec bias,
+                                       bool has_scale) {
+  typename Ops::Vec y;
+  if (kLookup) {
+    y = Ops::add(Ops::mul(sum, scale), bias);
+  } else if (has_scale) {
+    y = Ops::fused(sum, scale, bias);
+  } else {
+    y = Ops::add(sum, bias);
+  }
+  return activate<Ops>(y, kAct);
+}
+
 // A chunk of tiles, [tile_begin, tile_end), for the output-channel blocks
 // [block_begin, block_end), of a flat 1x1 plan (ConvPlan::flat) or of a
 // layer with few taps (see chunked_tiles). The tiles' inputs of a conv
 // group are packed into one panel, [tile][tap][kTile * kLanes], reading
 // each input channel (of a flat plan) as one contiguous run that the
 // hardware prefetchers follow. Partial segments are loaded partially,
-// since a flat plan's input has no slack after its last pixel. Then each block runs over all the tiles, writing
-// kOutBlock contiguous output runs. Every output vector gets the same
-// operations as in dense_tile or lookup_tile, so the results are the same
-// bits.
+// because a flat plan's input has no slack after its last pixel. Then
+// each block runs over all the tiles, writing kOutBlock contiguous output
+// runs. Every output vector gets the same operations as in dense_tile or
+// lookup_tile, so the results are the same bits.
 template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct>
 void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
-               int64_t block_begin, int64_t block_end) {
+                int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
   constexpr int64_t kWidth = kTile * Ops::kLanes;
@@ -386,30 +414,23 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
         }
         for (int j = 0; j < kOutBlock; ++j) {
           const int64_t k = weight_base + t * kOutBlock + j;
+          Vec w;
           if constexpr (kLookup) {
-            const Vec w = Ops::set1(args.codebook[args.indices[k]]);
-            for (int s = 0; s < kTile; ++s) {
-              acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
-            }
+            w = Ops::set1(args.codebook[args.indices[k]]);
           } else {
-            const Vec w = Ops::set1(args.weights[k]);
-            for (int s = 0; s < kTile; ++s) {
-              acc[j][s] = Ops::fmadd(w, x[s], acc[j][s]);
-            }
+            w = Ops::set1(args.weights[k]);
+          }
+          for (int s = 0; s < kTile; ++s) {
+            acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
           }
         }
       }
       for (int j = 0; j < outputs; ++j) {
         for (int s = 0; s < kTile; ++s) {
-          Vec y;
-          if constexpr (kLookup) {
-            y = Ops::add(Ops::mul(acc[j][s], scale[j]), bias[j]);
-          } else {
-            y = args.scale != nullptr ? Ops::fused(acc[j][s], scale[j], bias[j])
-                                      : Ops::add(acc[j][s], bias[j]);
-          }
           Ops::store(out_plane[j] + seg[s].output_offset,
-                     activate<Ops>(y, kAct), seg[s].lanes);
+                     finish_output<Ops, kLookup, kAct>(
+                         acc[j][s], scale[j], bias[j], args.scale != nullptr),
+                     seg[s].lanes);
         }
       }
     }
@@ -418,7 +439,7 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
 
 template <class Ops, int kTile, int kOutBlock, class Args>
 void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
-                int64_t block_begin, int64_t block_end) {
+                 int64_t block_begin, int64_t block_end) {
   with_activation(args.activation, [&](auto act) {
     chunk_body<Ops, kTile, kOutBlock, Args, decltype(act)::value>(
         args, tile_begin, tile_end, block_begin, block_end);
@@ -443,18 +464,7 @@ void depthwise_body(const DepthwiseArgs& a) {
   const Vec scale = Ops::set1(a.scale);
   const Vec bias = Ops::set1(a.bias);
   const auto finish = [&](Vec acc) {
-    Vec y;
-    if (kLookup) {
-      y = Ops::add(Ops::mul(acc, scale), bias);
-    } else if (a.has_scale) {
-      y = Ops::fused(acc, scale, bias);
-    } else {
-      y = Ops::add(acc, bias);
-    }
-    return activate<Ops>(y, kAct);
-  };
-  const auto step = [](Vec weight, Vec x, Vec acc) {
-    return kLookup ? Ops::fused(weight, x, acc) : Ops::fmadd(weight, x, acc);
+    return finish_output<Ops, kLookup, kAct>(acc, scale, bias, a.has_scale);
   };
 
   const Segment* seg = a.segments;
@@ -470,7 +480,8 @@ void depthwise_body(const DepthwiseArgs& a) {
       const Vec weight = Ops::set1(w[t]);
       const int32_t d = a.offsets[t];
       for (int b = 0; b < kBlock; ++b) {
-        acc[b] = step(weight, Ops::load(base[b] + d), acc[b]);
+        acc[b] = accumulate_tap<Ops, kLookup>(weight, Ops::load(base[b] + d),
+                                              acc[b]);
       }
     }
     for (int b = 0; b < kBlock; ++b) {
@@ -481,8 +492,9 @@ void depthwise_body(const DepthwiseArgs& a) {
   for (; left > 0; --left, ++seg) {
     Vec acc = Ops::zero();
     for (int64_t t = 0; t < taps; ++t) {
-      acc = step(Ops::set1(w[t]),
-                 Ops::load(a.input + a.offsets[t] + seg->input_offset), acc);
+      acc = accumulate_tap<Ops, kLookup>(
+          Ops::set1(w[t]),
+          Ops::load(a.input + a.offsets[t] + seg->input_offset), acc);
     }
     Ops::store(a.output + seg->output_offset, finish(acc), seg->lanes);
   }

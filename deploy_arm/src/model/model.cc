@@ -38,7 +38,7 @@ Status check_elements(int64_t count, const std::string& what) {
 
 // The buffers of values that died earlier in one graph run, handed to
 // later outputs. A new buffer is page-faulted on first touch, which costs
-// more than a small layer's arithmetic; a reused one does not, and growing
+// more than a small layer's arithmetic. A reused one is not, and growing
 // a FloatVector within its capacity writes nothing. Every operator and
 // Conv2d::run writes all elements of its output, so the stale contents
 // never show.
