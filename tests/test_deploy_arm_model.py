@@ -335,6 +335,37 @@ def test_add_then_activation_runs_fused(packed, tensor_file, tmp_path):
         assert_same_detections(a.pred_instances, b.pred_instances)
 
 
+def test_conv_chains_run_banded(packed, tensor_file, detect_binary):
+    """Each MobileNetV2 block (1x1 -> depthwise -> 1x1) runs as one
+    conv_chain node. Band by band (bands of one to a few rows, forced by a
+    small --chain-band) or conv by conv (--chain-band 0), on 1 or 3
+    threads, it gives the same bits."""
+    _, _, path = packed
+    base = [str(detect_binary), str(path), str(tensor_file[0])]
+    runs = {}
+    for band in ('0', '1', '5', '1024'):
+        for threads in ('1', '3'):
+            proc = detections_of(base + ['--chain-band', band, '--threads',
+                                         threads, '--profile'])
+            check_cli_detections(proc, tensor_file[1])
+            runs[band, threads] = (json.loads(proc.stdout)['detections'],
+                                   profile_counts(proc.stderr))
+    reference = runs['0', '1'][0]
+    for key, (dets, _) in runs.items():
+        assert dets == reference, key
+    # MobileNetV2 has 17 blocks, and the first has no expand conv.
+    chains = runs['1', '1'][1]
+    assert chains.get('conv_chain 3 q4') == 16, chains
+    assert chains.get('conv_chain 2 q4') == 1, chains
+    assert 'conv2d 3x3 dw q4' not in chains, chains
+    separate = runs['0', '1'][1]
+    assert separate.get('conv2d 3x3 dw q4') == 17, separate
+    assert not any(op.startswith('conv_chain') for op in separate), separate
+    proc = detections_of(base + ['--chain-band', '-1'])
+    assert proc.returncode == 2
+    assert "--chain-band is '-1', expected an integer" in proc.stderr
+
+
 def test_cli_under_sanitizers(packed, tensor_file, tmp_path):
     """dgms_detect built with ASan + UBSan: a clean run, and malformed
     files give an error exit, never a sanitizer report."""
@@ -344,9 +375,11 @@ def test_cli_under_sanitizers(packed, tensor_file, tmp_path):
                            '-DDGMS_RT_BUILD_BENCHMARKS=OFF')
     env = dict(os.environ, ASAN_OPTIONS='detect_leaks=1:abort_on_error=1',
                UBSAN_OPTIONS='print_stacktrace=1:halt_on_error=1')
-    check_cli_detections(
-        detections_of([str(binary), str(path), str(tensor_file[0]),
-                       '--threads', '2'], env), tensor_file[1])
+    for band in ('1024', '1'):  # conv chains whole and in 1-row bands
+        check_cli_detections(
+            detections_of([str(binary), str(path), str(tensor_file[0]),
+                           '--threads', '2', '--chain-band', band], env),
+            tensor_file[1])
     data = path.read_bytes()
     sections = decode_container(data)
     bad = {
@@ -392,10 +425,12 @@ def test_cli_on_aarch64_under_qemu(packed, tensor_file):
     binary = build_variant(
         'aarch64', '-DCMAKE_BUILD_TYPE=Release',
         f'-DCMAKE_TOOLCHAIN_FILE={RUNTIME_DIR}/cmake/aarch64-linux-gnu.cmake')
-    check_cli_detections(
-        detections_of(['qemu-aarch64', '-L', '/usr/aarch64-linux-gnu',
-                       str(binary), str(path), str(tensor_file[0]),
-                       '--threads', '2']), tensor_file[1])
+    for band in ('1024', '1'):  # conv chains whole and in 1-row bands
+        check_cli_detections(
+            detections_of(['qemu-aarch64', '-L', '/usr/aarch64-linux-gnu',
+                           str(binary), str(path), str(tensor_file[0]),
+                           '--threads', '2', '--chain-band', band]),
+            tensor_file[1])
 
 
 def write_ppm(path, rgb):

@@ -140,11 +140,10 @@ detail::PlaneLayout plane_layout(const ConvGeometry& g, const ConvPlan& p) {
 
 void prepare_input(const ConvGeometry& g, const ConvPlan& p,
                    const detail::KernelTable& kernels, const float* input,
-                   int64_t channels, float* buffer) {
+                   int64_t input_plane, int64_t channels, float* buffer) {
   const detail::PlaneLayout layout = plane_layout(g, p);
   for (int64_t c = 0; c < channels; ++c) {
-    kernels.prepare(layout, input + c * p.height * p.width,
-                    buffer + c * p.plane);
+    kernels.prepare(layout, input + c * input_plane, buffer + c * p.plane);
   }
 }
 
@@ -174,7 +173,7 @@ void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
   const int64_t channels = g.in_channels / g.groups;
   plan->offsets.resize(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    plan->offsets[c] = static_cast<int32_t>(c * pixels);
+    plan->offsets[c] = static_cast<int32_t>(c * plan->in_plane);
   }
 }
 
@@ -184,14 +183,14 @@ void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
                    const std::function<void(const float*, int64_t, int64_t)>&
                        kernel) {
   const int64_t channels = g.in_channels / g.groups;
-  const int64_t group_size = channels * plan.height * plan.width;
+  const int64_t group_size = channels * plan.in_plane;
   run_parallel(pool, g.groups, [&](int64_t group) {
     thread_local std::vector<float> prepared;
     if (static_cast<int64_t>(prepared.size()) < channels * plan.plane) {
       prepared.resize(channels * plan.plane);
     }
-    prepare_input(g, plan, kernels, input + group * group_size, channels,
-                  prepared.data());
+    prepare_input(g, plan, kernels, input + group * group_size,
+                  plan.in_plane, channels, prepared.data());
     for (int64_t tile = 0; tile < plan.num_tiles; ++tile) {
       kernel(prepared.data(), group, tile);
     }
@@ -204,12 +203,11 @@ bool depthwise_geometry(const ConvGeometry& g) {
 }
 
 void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
-                   const float* input, float* output,
+                   const float* input, float* output, int64_t out_plane,
                    const DepthwiseWeights& weights, Activation activation,
                    const detail::KernelTable& kernels, ThreadPool* pool) {
   const int64_t taps = g.kernel_h * g.kernel_w;
-  const int64_t in_plane = plan.height * plan.width;
-  const int64_t out_plane = plan.out_h * plan.out_w;
+  const int64_t in_plane = plan.in_plane;
   const int64_t segments =
       plan.out_h * ((plan.out_w + kernels.lanes - 1) / kernels.lanes);
   const detail::PlaneLayout layout = plane_layout(g, plan);
@@ -331,21 +329,27 @@ Conv2d::Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa)
 
 Conv2d::~Conv2d() = default;
 
-void Conv2d::compute_raw(const ConvPlan&, const float*, float*,
+void Conv2d::compute_raw(const ConvPlan&, const float*, float*, int64_t,
                          ThreadPool*) const {}
 
-Status Conv2d::get_plan(int64_t height, int64_t width,
+Status Conv2d::get_plan(int64_t height, int64_t width, int64_t in_plane,
                         std::shared_ptr<const ConvPlan>* out) const {
   std::lock_guard<std::mutex> lock(plan_mutex_);
-  if (plan_ && plan_->height == height && plan_->width == width) {
-    *out = plan_;
-    return Status::Ok();
+  for (size_t i = 0; i < plans_.size(); ++i) {
+    if (plans_[i]->height == height && plans_[i]->width == width &&
+        plans_[i]->in_plane == in_plane) {
+      std::rotate(plans_.begin(), plans_.begin() + i,
+                  plans_.begin() + i + 1);
+      *out = plans_.front();
+      return Status::Ok();
+    }
   }
 
   const ConvGeometry& g = geometry_;
   auto plan = std::make_shared<ConvPlan>();
   plan->height = height;
   plan->width = width;
+  plan->in_plane = in_plane;
   Status status =
       conv_output_size(g, height, width, &plan->out_h, &plan->out_w);
   if (!status.ok()) return status;
@@ -400,37 +404,81 @@ Status Conv2d::get_plan(int64_t height, int64_t width,
 
   status = fill_plan(plan.get());
   if (!status.ok()) return status;
-  plan_ = plan;
-  *out = plan_;
+  if (plans_.size() == kMaxPlans) plans_.pop_back();
+  plans_.insert(plans_.begin(), plan);
+  *out = plan;
   return Status::Ok();
 }
 
 Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                    int64_t width, float* output, int64_t output_size,
                    ThreadPool* pool) const {
+  int64_t out_h = 0;
+  int64_t out_w = 0;
+  Status status = conv_output_size(geometry_, height, width, &out_h, &out_w);
+  if (!status.ok()) return status;
+  const int64_t expected_in = geometry_.in_channels * height * width;
+  const int64_t expected_out = geometry_.out_channels * out_h * out_w;
+  if (input == nullptr || input_size != expected_in) {
+    return invalid("input has " + str(input == nullptr ? 0 : input_size) +
+                   " elements, expected in_channels x height x width = " +
+                   str(expected_in));
+  }
+  if (output == nullptr || output_size != expected_out) {
+    return invalid("output has " + str(output == nullptr ? 0 : output_size) +
+                   " elements, expected out_channels x " + str(out_h) +
+                   " x " + str(out_w) + " = " + str(expected_out));
+  }
+  return run_view(input, input_size, height * width, height, width, output,
+                  output_size, out_h * out_w, pool);
+}
+
+Status Conv2d::run_view(const float* input, int64_t input_size,
+                        int64_t input_plane, int64_t height, int64_t width,
+                        float* output, int64_t output_size,
+                        int64_t output_plane, ThreadPool* pool) const {
   try {
+    const ConvGeometry& g = geometry_;
+    int64_t out_h = 0;
+    int64_t out_w = 0;
+    Status status = conv_output_size(g, height, width, &out_h, &out_w);
+    if (!status.ok()) return status;
+    // The last channel's plane ends at (channels - 1) * plane + h * w.
+    const auto extent = [](int64_t channels, int64_t plane, int64_t pixels,
+                           int64_t* out) {
+      int64_t start = 0;
+      return !__builtin_mul_overflow(channels - 1, plane, &start) &&
+             !__builtin_add_overflow(start, pixels, out);
+    };
+    int64_t in_extent = 0;
+    int64_t out_extent = 0;
+    if (input == nullptr || input_plane < height * width ||
+        !extent(g.in_channels, input_plane, height * width, &in_extent) ||
+        in_extent > input_size || in_extent > ConvLimits::kMaxElements) {
+      return invalid("input view of " + str(g.in_channels) + " planes of " +
+                     str(height) + "x" + str(width) + ", " +
+                     str(input_plane) + " floats apart, does not fit the " +
+                     str(input == nullptr ? 0 : input_size) +
+                     " elements given: the plane distance must be at least " +
+                     "height x width and the buffer hold every plane");
+    }
+    if (output == nullptr || output_plane < out_h * out_w ||
+        !extent(g.out_channels, output_plane, out_h * out_w, &out_extent) ||
+        out_extent > output_size || out_extent > ConvLimits::kMaxElements) {
+      return invalid("output view of " + str(g.out_channels) +
+                     " planes of " + str(out_h) + "x" + str(out_w) + ", " +
+                     str(output_plane) + " floats apart, does not fit the " +
+                     str(output == nullptr ? 0 : output_size) +
+                     " elements given: the plane distance must be at least " +
+                     "out_h x out_w and the buffer hold every plane");
+    }
+
     std::shared_ptr<const ConvPlan> plan;
-    Status status = get_plan(height, width, &plan);
+    status = get_plan(height, width, input_plane, &plan);
     if (!status.ok()) return status;
 
-    const ConvGeometry& g = geometry_;
-    const int64_t expected_in = g.in_channels * height * width;
-    const int64_t expected_out = g.out_channels * plan->out_h * plan->out_w;
-    if (input == nullptr || input_size != expected_in) {
-      return invalid("input has " + str(input == nullptr ? 0 : input_size) +
-                     " elements, expected in_channels x height x width = " +
-                     str(expected_in));
-    }
-    if (output == nullptr || output_size != expected_out) {
-      return invalid("output has " +
-                     str(output == nullptr ? 0 : output_size) +
-                     " elements, expected out_channels x " +
-                     str(plan->out_h) + " x " + str(plan->out_w) + " = " +
-                     str(expected_out));
-    }
-
     if (plan->raw_input) {
-      compute_raw(*plan, input, output, pool);
+      compute_raw(*plan, input, output, output_plane, pool);
       return Status::Ok();
     }
 
@@ -455,11 +503,11 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
     const ConvPlan& p = *plan;
     const detail::KernelTable& kernels = detail::kernels_for(isa_);
     run_parallel(pool, g.in_channels, [&](int64_t c) {
-      prepare_input(g, p, kernels, input + c * height * width, 1,
+      prepare_input(g, p, kernels, input + c * input_plane, input_plane, 1,
                     buffer + c * p.plane);
     });
 
-    compute(p, buffer, output, pool);
+    compute(p, buffer, output, output_plane, pool);
     return Status::Ok();
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kOutOfMemory,

@@ -18,6 +18,9 @@ namespace dgms_rt {
 struct ConvPlan {
   int64_t height = 0;
   int64_t width = 0;
+  // Floats between the input's channel planes (height * width for a dense
+  // tensor). Only flat plans depend on it, through their offsets.
+  int64_t in_plane = 0;
   int64_t out_h = 0;
   int64_t out_w = 0;
   int64_t padded_h = 0;
@@ -88,11 +91,12 @@ bool flat_geometry(const ConvGeometry& g);
 void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
                     ConvPlan* plan);
 
-// Copies `channels` input planes of height x width into the prepared
-// layout of `plan` (zero padding, phase split) at dst.
+// Copies `channels` input planes of height x width, src_plane floats
+// apart, into the prepared layout of `plan` (zero padding, phase split) at
+// dst.
 void prepare_input(const ConvGeometry& g, const ConvPlan& plan,
                    const detail::KernelTable& kernels, const float* src,
-                   int64_t channels, float* dst);
+                   int64_t src_plane, int64_t channels, float* dst);
 
 // The prepared layout of one channel plane of plan.
 detail::PlaneLayout plane_layout(const ConvGeometry& g, const ConvPlan& plan);
@@ -102,6 +106,7 @@ detail::PlaneLayout plane_layout(const ConvGeometry& g, const ConvPlan& plan);
 // input into a per-thread buffer and runs all its tiles while that buffer
 // is in cache, instead of preparing the whole input first.
 // kernel(prepared_group_input, group, tile) computes one tile of a group.
+// The input's channel planes lie plan.in_plane floats apart.
 void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
                    const detail::KernelTable& kernels, const float* input,
                    ThreadPool* pool,
@@ -126,9 +131,10 @@ struct DepthwiseWeights {
 // Runs a depthwise layer (see depthwise_geometry) on a plan whose offsets
 // are the local tap offsets, one channel per work item: prepares the
 // channel's plane into a per-thread buffer and computes its output with
-// kernels.depthwise.
+// kernels.depthwise. Input planes lie plan.in_plane floats apart, output
+// planes out_plane floats apart.
 void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
-                   const float* input, float* output,
+                   const float* input, float* output, int64_t out_plane,
                    const DepthwiseWeights& weights, Activation activation,
                    const detail::KernelTable& kernels, ThreadPool* pool);
 
@@ -216,8 +222,7 @@ void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
                          ThreadPool* pool) {
   if (plan.flat) {
     args.input = input;
-    args.group_input_stride =
-        (g.in_channels / g.groups) * plan.height * plan.width;
+    args.group_input_stride = (g.in_channels / g.groups) * plan.in_plane;
     run_chunk_kernel(args, plan.num_tiles, g.groups * blocks_per_group,
                      kernels.dense_out_block, chunk, kernels, pool);
     return;

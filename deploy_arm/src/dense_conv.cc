@@ -243,13 +243,14 @@ Status DenseConv2d::fill_plan(ConvPlan* plan) const {
 
 detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
                                                 const float* prepared,
-                                                float* output) const {
+                                                float* output,
+                                                int64_t out_plane) const {
   const ConvGeometry& g = geometry_;
   const ConvWeights& w = *weights_;
   detail::DenseKernelArgs args;
   args.input = prepared;
   args.output = output;
-  args.out_plane = plan.out_h * plan.out_w;
+  args.out_plane = out_plane;
   args.segments = plan.segments.data();
   args.offsets = plan.offsets.data();
   args.taps = static_cast<int64_t>(plan.offsets.size());
@@ -265,9 +266,10 @@ detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
 }
 
 void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
-                              float* output, ThreadPool* pool) const {
+                              float* output, int64_t out_plane,
+                              ThreadPool* pool) const {
   if (plan.winograd) {
-    compute_winograd(plan, input, output, pool);
+    compute_winograd(plan, input, output, out_plane, pool);
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
@@ -277,18 +279,19 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
     w.scale = weights_->dense_scale.empty() ? nullptr
                                              : weights_->dense_scale.data();
     w.bias = weights_->bias.data();
-    run_depthwise(geometry_, plan, input, output, w, activation_, kernels,
-                  pool);
+    run_depthwise(geometry_, plan, input, output, out_plane, w, activation_,
+                  kernels, pool);
     return;
   }
-  run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output),
+  run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output, out_plane),
                       weights_->blocks_per_group, kernels.dense_chunk,
                       kernels.dense_single, kernels,
                       pool);
 }
 
 void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
-                                   float* output, ThreadPool* pool) const {
+                                   float* output, int64_t out_plane,
+                                   ThreadPool* pool) const {
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
@@ -310,6 +313,8 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
 
   detail::WinogradArgs args;
   args.input = input;
+  args.in_plane = plan.in_plane;
+  args.out_plane = out_plane;
   args.height = plan.height;
   args.width = plan.width;
   args.pad_h = g.pad_h;
@@ -376,11 +381,13 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
 }
 
 void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
-                          float* output, ThreadPool* pool) const {
+                          float* output, int64_t out_plane,
+                          ThreadPool* pool) const {
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
-  const detail::DenseKernelArgs args = dense_args(plan, prepared, output);
+  const detail::DenseKernelArgs args =
+      dense_args(plan, prepared, output, out_plane);
 
   if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
     run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,

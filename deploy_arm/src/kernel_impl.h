@@ -249,9 +249,13 @@ void dense_tile(const DenseKernelArgs& args, int64_t tile,
 // Computes kTile segments of one tile for kOutBlock output channels per
 // block, decoding each weight as codebook[index] inside the loop: the
 // dense kernel's blocking with 1-byte weights.
-template <class Ops, int kTile, int kOutBlock, Activation kAct>
-void lookup_tile_body(const LookupKernelArgs& args, int64_t tile,
-                      int64_t block_begin, int64_t block_end) {
+// The activation is a run-time argument here: as a template argument its
+// constants (0 and 6) stayed in registers across the tap loop, and with
+// them the 12 accumulators no longer fit in the 16 AVX2 registers, so one
+// spilled to the stack and the kernel ran at half speed.
+template <class Ops, int kTile, int kOutBlock>
+void lookup_tile(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
@@ -294,19 +298,10 @@ void lookup_tile_body(const LookupKernelArgs& args, int64_t tile,
       for (int s = 0; s < kTile; ++s) {
         const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
         Ops::store(out_plane + segments[s].output_offset,
-                   activate<Ops>(y, kAct), segments[s].lanes);
+                   activate<Ops>(y, args.activation), segments[s].lanes);
       }
     }
   }
-}
-
-template <class Ops, int kTile, int kOutBlock>
-void lookup_tile(const LookupKernelArgs& args, int64_t tile,
-                 int64_t block_begin, int64_t block_end) {
-  with_activation(args.activation, [&](auto act) {
-    lookup_tile_body<Ops, kTile, kOutBlock, decltype(act)::value>(
-        args, tile, block_begin, block_end);
-  });
 }
 
 // Adds one tap to a sum as the lookup kernel (kLookup: fused, so every

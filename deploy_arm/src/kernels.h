@@ -122,6 +122,8 @@ struct DepthwiseArgs {
 // (see winograd_impl.h and DenseConv2d).
 struct WinogradArgs {
   const float* input;       // NCHW input, [in_channels][height][width]
+  int64_t in_plane;         // floats between input planes
+  int64_t out_plane;        // floats between output planes
   int64_t height;
   int64_t width;
   int64_t pad_h;

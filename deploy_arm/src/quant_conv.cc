@@ -294,13 +294,14 @@ Status QuantConv2d::fill_plan(ConvPlan* plan) const {
 
 detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
                                                   const float* prepared,
-                                                  float* output) const {
+                                                  float* output,
+                                                  int64_t out_plane) const {
   const ConvGeometry& g = geometry_;
   const ConvWeights& w = *weights_;
   detail::LookupKernelArgs args;
   args.input = prepared;
   args.output = output;
-  args.out_plane = plan.out_h * plan.out_w;
+  args.out_plane = out_plane;
   args.segments = plan.segments.data();
   args.offsets = plan.offsets.data();
   args.taps = static_cast<int64_t>(plan.offsets.size());
@@ -317,7 +318,8 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
 }
 
 void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
-                              float* output, ThreadPool* pool) const {
+                              float* output, int64_t out_plane,
+                              ThreadPool* pool) const {
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   if (!plan.flat && depthwise_geometry(geometry_)) {
     DepthwiseWeights w;
@@ -325,25 +327,27 @@ void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
     w.codebook = weights_->codebook.data();
     w.scale = weights_->scale.data();
     w.bias = weights_->bias.data();
-    run_depthwise(geometry_, plan, input, output, w, activation_, kernels,
-                  pool);
+    run_depthwise(geometry_, plan, input, output, out_plane, w, activation_,
+                  kernels, pool);
     return;
   }
   run_raw_dense_style(geometry_, plan, input,
-                      lookup_args(plan, nullptr, output),
+                      lookup_args(plan, nullptr, output, out_plane),
                       weights_->blocks_per_group, kernels.lookup_chunk,
                       kernels.lookup_single, kernels,
                       pool);
 }
 
 void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
-                          float* output, ThreadPool* pool) const {
+                          float* output, int64_t out_plane,
+                          ThreadPool* pool) const {
   const ConvGeometry& g = geometry_;
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   const ConvWeights& w = *weights_;
 
   if (kernel_ == QuantKernel::kLookup) {
-    const detail::LookupKernelArgs args = lookup_args(plan, prepared, output);
+    const detail::LookupKernelArgs args =
+        lookup_args(plan, prepared, output, out_plane);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
       run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
                        w.out_block, kernels.lookup_chunk, kernels, pool);
@@ -361,7 +365,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
   detail::QuantKernelArgs args;
   args.input = prepared;
   args.output = output;
-  args.out_plane = plan.out_h * plan.out_w;
+  args.out_plane = out_plane;
   args.segments = plan.segments.data();
   args.offsets = plan.offsets.data();
   args.tap_begin = w.tap_begin.data();

@@ -64,7 +64,7 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
   const int64_t rows = 4 * args.tiles_y + 2;
   const int64_t phase_w = args.phase_w;
   const int64_t row_stride = 4 * phase_w;
-  const float* src = args.input + c * args.height * args.width;
+  const float* src = args.input + c * args.in_plane;
   const int64_t y_end = std::min(args.height, rows - args.pad_h);
   const int64_t x_end = std::min(args.width, row_stride - args.pad_w);
   // Zeros go only where no input lands: the rows above and below the
@@ -199,7 +199,7 @@ void winograd_block(const WinogradArgs& args, int64_t block_begin,
     }
   }
 
-  const int64_t out_plane = args.out_h * args.out_w;
+  const int64_t out_plane = args.out_plane;
   const int64_t tiles = args.tiles_y * args.tiles_x;
   const bool scaled = args.scale != nullptr;
   for (int64_t b = 0; b < blocks; ++b) {

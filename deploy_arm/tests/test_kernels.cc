@@ -454,7 +454,7 @@ void test_winograd(std::mt19937* rng) {
 }
 
 // A layer run on alternating input shapes must match a fresh layer's
-// result for each shape (the cached plan is rebuilt on a shape change).
+// result for each shape (the layer caches a plan per recent shape).
 void test_shape_change(std::mt19937* rng) {
   ConvGeometry g;
   g.out_channels = 6;
@@ -484,6 +484,126 @@ void expect_invalid(const Status& status, const std::string& context) {
         context + ": expected kInvalidArgument, got code " +
             std::to_string(static_cast<int>(status.code())));
   check(!status.message().empty(), context + ": error message is empty");
+}
+
+// run_view() on planes inside larger buffers (a band of rows of a taller
+// tensor, with gaps after each plane) gives the same bits as run() on the
+// dense planes, writes nothing between the output planes, and rejects
+// views that do not fit their buffers. Covers the flat 1x1, depthwise,
+// prepared-input and Winograd plans.
+void test_views(std::mt19937* rng) {
+  struct Case {
+    const char* name;
+    int64_t in, out, groups, kernel, stride, pad;
+    bool dense;
+    QuantKernel kernel_kind;
+  };
+  const Case cases[] = {
+      {"1x1 lookup", 19, 20, 1, 1, 1, 0, false, QuantKernel::kLookup},
+      {"1x1 accumulate", 9, 7, 1, 1, 1, 0, false, QuantKernel::kAccumulate},
+      {"3x3 dw stride 2", 11, 11, 11, 3, 2, 1, false, QuantKernel::kLookup},
+      {"3x3 dw no row padding", 6, 6, 6, 3, 1, 0, false,
+       QuantKernel::kLookup},
+      {"3x3 lookup", 5, 9, 1, 3, 1, 1, false, QuantKernel::kLookup},
+      {"3x3 dense winograd", 8, 8, 1, 3, 1, 1, true, QuantKernel::kAuto},
+      {"1x1 dense", 12, 16, 1, 1, 1, 0, true, QuantKernel::kAuto},
+  };
+  const int64_t height = 13, width = 18, tall = 29, top = 7;
+  const int64_t in_gap = 5, out_gap = 3;
+  for (const Case& c : cases) {
+    ConvGeometry g;
+    g.in_channels = c.in;
+    g.out_channels = c.out;
+    g.groups = c.groups;
+    g.kernel_h = g.kernel_w = c.kernel;
+    g.stride_h = g.stride_w = c.stride;
+    g.pad_h = g.pad_w = c.pad;
+    std::unique_ptr<Conv2d> conv;
+    const QuantLayer layer =
+        testing::random_quant_layer(g, 4, 0.3, Activation::kReLU6, rng);
+    std::vector<float> weights;
+    if (c.dense) {
+      weights = testing::random_floats(testing::weight_count(g), -1, 1, rng);
+      DenseConvDesc desc;
+      desc.geometry = g;
+      desc.weights = weights.data();
+      desc.weights_size = static_cast<int64_t>(weights.size());
+      desc.bias = layer.bias.data();
+      desc.bias_size = c.out;
+      desc.activation = Activation::kReLU;
+      std::unique_ptr<DenseConv2d> dense;
+      check(DenseConv2d::create(desc, Isa::kAuto, &dense).ok(),
+            std::string("view ") + c.name + ": create failed");
+      conv = std::move(dense);
+    } else {
+      std::unique_ptr<QuantConv2d> quant;
+      check(QuantConv2d::create(layer.desc(), Isa::kAuto, &quant,
+                                c.kernel_kind).ok(),
+            std::string("view ") + c.name + ": create failed");
+      conv = std::move(quant);
+    }
+    if (!conv) continue;
+    const std::string context = std::string("view ") + c.name;
+    int64_t out_h = 0, out_w = 0;
+    conv_output_size(g, height, width, &out_h, &out_w);
+
+    // Rows [top, top + height) of a tall tensor, planes in_gap apart more.
+    const int64_t in_plane = tall * width + in_gap;
+    const std::vector<float> big =
+        testing::random_floats(c.in * in_plane, -1, 1, rng);
+    std::vector<float> dense_input(c.in * height * width);
+    for (int64_t ch = 0; ch < c.in; ++ch) {
+      std::copy_n(big.begin() + ch * in_plane + top * width, height * width,
+                  dense_input.begin() + ch * height * width);
+    }
+    const std::vector<float> expected =
+        run_conv(*conv, dense_input, height, width, 1, context);
+
+    const int64_t out_plane = out_h * out_w + out_gap;
+    const float sentinel = 12345.0f;
+    for (int threads : kThreads) {
+      std::vector<float> output(c.out * out_plane, sentinel);
+      ThreadPool pool(threads);
+      const int64_t in_size = static_cast<int64_t>(big.size()) - top * width;
+      Status status = conv->run_view(
+          big.data() + top * width, in_size, in_plane, height, width,
+          output.data(), static_cast<int64_t>(output.size()), out_plane,
+          &pool);
+      check(status.ok(), context + ": run_view failed: " + status.message());
+      bool same = true, gaps_kept = true;
+      for (int64_t o = 0; o < c.out; ++o) {
+        for (int64_t i = 0; i < out_plane; ++i) {
+          const float v = output[o * out_plane + i];
+          if (i < out_h * out_w) {
+            same = same && std::memcmp(&v, &expected[o * out_h * out_w + i],
+                                       sizeof(float)) == 0;
+          } else {
+            gaps_kept = gaps_kept && v == sentinel;
+          }
+        }
+      }
+      check(same, context + ": run_view differs from run");
+      check(gaps_kept, context + ": run_view wrote between output planes");
+
+      // The plane distance must cover a plane, and the buffers all planes.
+      expect_invalid(conv->run_view(big.data(), in_size, height * width - 1,
+                                    height, width, output.data(),
+                                    static_cast<int64_t>(output.size()),
+                                    out_plane, &pool),
+                     context + ": short input plane distance");
+      expect_invalid(conv->run_view(big.data(), (c.in - 1) * in_plane,
+                                    in_plane, height, width, output.data(),
+                                    static_cast<int64_t>(output.size()),
+                                    out_plane, &pool),
+                     context + ": short input buffer");
+      expect_invalid(conv->run_view(big.data(), in_size, in_plane, height,
+                                    width, output.data(),
+                                    static_cast<int64_t>(output.size()) -
+                                        out_gap - 1,
+                                    out_plane, &pool),
+                     context + ": short output buffer");
+    }
+  }
 }
 
 void test_malformed_quant(std::mt19937* rng) {
@@ -984,6 +1104,7 @@ int main() {
   test_dense_kernels(&rng);
   test_winograd(&rng);
   test_shape_change(&rng);
+  test_views(&rng);
   test_malformed_quant(&rng);
   test_kernel_choice(&rng);
   test_malformed_run(&rng);

@@ -3,7 +3,7 @@
 //   dgms_detect MODEL.dgms INPUT [--threads N] [--output dets.json]
 //               [--dump-input tensor.bin] [--repeat R] [--warmup W]
 //               [--profile] [--dense-algorithm auto|direct]
-//               [--isa auto|scalar|avx2|avx512|neon]
+//               [--isa auto|scalar|avx2|avx512|neon] [--chain-band KIB]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -15,7 +15,9 @@
 // --dense-algorithm direct turns Winograd off for the full-precision 3x3
 // stride-1 layers (ModelOptions::dense_algorithm). --isa picks the
 // kernels' instruction set (ModelOptions::isa); one the build or the CPU
-// lacks is an error. --dump-input writes the
+// lacks is an error. --chain-band sets the working set of a band of a
+// conv chain in KiB (ModelOptions::chain_band_bytes; 0 runs every conv on
+// its whole input). --dump-input writes the
 // network input (after resizing, channel order, normalisation and padding)
 // as a tensor file before detection runs.
 #include <fcntl.h>
@@ -281,7 +283,8 @@ int usage(FILE* stream = stderr, int code = 2) {
                "[--output dets.json] [--repeat R] [--warmup W] [--profile]\n"
                "                   [--dense-algorithm auto|direct] "
                "[--dump-input tensor.bin]\n"
-               "                   [--isa auto|scalar|avx2|avx512|neon]\n"
+               "                   [--isa auto|scalar|avx2|avx512|neon] "
+               "[--chain-band KIB]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
                "--threads: conv threads (default 1); --repeat: time R "
                "detect runs after W\n"
@@ -296,7 +299,11 @@ int usage(FILE* stream = stderr, int code = 2) {
                "filter memory)\n"
                "--isa: instruction set of the conv kernels (default auto: "
                "NEON on AArch64,\n"
-               "  AVX2 on x86-64 CPUs with AVX2 and FMA, else scalar)\n");
+               "  AVX2 on x86-64 CPUs with AVX2 and FMA, else scalar)\n"
+               "--chain-band: working set of one band of a depthwise conv "
+               "chain in KiB\n"
+               "  (default 1024, about a core's L2 cache); 0 runs each conv "
+               "on its whole input\n");
   return code;
 }
 
@@ -309,7 +316,7 @@ int fail(const Status& s) {
 
 int main(int argc, char** argv) {
   std::vector<std::string> positional;
-  int threads = 1, repeat = 0, warmup = 1;
+  int threads = 1, repeat = 0, warmup = 1, chain_band_kib = 1024;
   bool profile = false;
   std::string output, dump_input;
   dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
@@ -340,6 +347,8 @@ int main(int argc, char** argv) {
     else if (arg == "--output") output = value("--output");
     else if (arg == "--dump-input") dump_input = value("--dump-input");
     else if (arg == "--profile") profile = true;
+    else if (arg == "--chain-band")
+      chain_band_kib = integer("--chain-band", 0, 1 << 20);
     else if (arg == "--dense-algorithm") {
       const std::string name = value("--dense-algorithm");
       if (name == "auto") {
@@ -413,6 +422,7 @@ int main(int argc, char** argv) {
   options.threads = threads;
   options.dense_algorithm = dense_algorithm;
   options.isa = isa;
+  options.chain_band_bytes = int64_t(chain_band_kib) * 1024;
   std::unique_ptr<dgms_rt::Model> model;
   const auto load_start = std::chrono::steady_clock::now();
   Status s = dgms_rt::Model::load_file(positional[0], options, &model);

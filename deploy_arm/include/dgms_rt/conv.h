@@ -171,32 +171,51 @@ class Conv2d {
   Activation activation() const { return activation_; }
   Isa isa() const { return isa_; }
 
+  // Input shapes whose plans a layer keeps (see run()).
+  static constexpr size_t kMaxPlans = 8;
+
   // Runs the layer on input [in_channels][height][width] and writes
   // output [out_channels][out_height][out_width]; input_size and
   // output_size are element counts and must match exactly. pool may be
-  // null (single thread). A run with a (height, width) other than the
-  // previous run's builds that shape's offset tables, so alternating
-  // shapes rebuild them every time; runs with the same shape reuse them.
+  // null (single thread). A run builds offset tables for its (height,
+  // width) and keeps those of the kMaxPlans most recent shapes, so runs
+  // that cycle through more shapes than that rebuild them every time.
   // Each calling thread keeps a prepared-input buffer between runs.
   Status run(const float* input, int64_t input_size, int64_t height,
              int64_t width, float* output, int64_t output_size,
              ThreadPool* pool) const;
+
+  // Runs the layer on views into larger buffers: input channel c is the
+  // height x width plane at input + c * input_plane, output channel o the
+  // out_h x out_w plane at output + o * output_plane. A band of rows of an
+  // NCHW tensor is such a view (the plane distance is the full tensor's
+  // plane). Each distance must be at least its plane's size, and the
+  // buffers of input_size and output_size elements must hold every plane.
+  // run() is run_view() with dense planes.
+  Status run_view(const float* input, int64_t input_size,
+                  int64_t input_plane, int64_t height, int64_t width,
+                  float* output, int64_t output_size, int64_t output_plane,
+                  ThreadPool* pool) const;
 
  protected:
   Conv2d(const ConvGeometry& geometry, Activation activation, Isa isa);
 
   // Builds the kernel-specific part of a plan (tap offsets).
   virtual Status fill_plan(ConvPlan* plan) const = 0;
-  // Runs the kernel over the prepared input.
+  // Runs the kernel over the prepared input. Output planes lie out_plane
+  // floats apart.
   virtual void compute(const ConvPlan& plan, const float* prepared,
-                       float* output, ThreadPool* pool) const = 0;
-  // Runs a plan marked `raw_input` on the unprepared NCHW input: Winograd,
-  // flat 1x1 plans and depthwise layers that prepare one group at a time.
-  // Only layers whose fill_plan() marks plans so override it.
+                       float* output, int64_t out_plane,
+                       ThreadPool* pool) const = 0;
+  // Runs a plan marked `raw_input` on the unprepared NCHW input, whose
+  // planes lie plan.in_plane floats apart: Winograd, flat 1x1 plans and
+  // depthwise layers that prepare one group at a time. Only layers whose
+  // fill_plan() marks plans so override it.
   virtual void compute_raw(const ConvPlan& plan, const float* input,
-                           float* output, ThreadPool* pool) const;
+                           float* output, int64_t out_plane,
+                           ThreadPool* pool) const;
 
-  Status get_plan(int64_t height, int64_t width,
+  Status get_plan(int64_t height, int64_t width, int64_t in_plane,
                   std::shared_ptr<const ConvPlan>* plan) const;
 
   ConvGeometry geometry_;
@@ -207,7 +226,8 @@ class Conv2d {
 
  private:
   mutable std::mutex plan_mutex_;
-  mutable std::shared_ptr<const ConvPlan> plan_;
+  // The plans of the most recent shapes, most recently used first.
+  mutable std::vector<std::shared_ptr<const ConvPlan>> plans_;
 };
 
 // Quantized conv with codebook kernels (see QuantKernel).
@@ -230,14 +250,14 @@ class QuantConv2d : public Conv2d {
  protected:
   Status fill_plan(ConvPlan* plan) const override;
   void compute(const ConvPlan& plan, const float* prepared, float* output,
-               ThreadPool* pool) const override;
+               int64_t out_plane, ThreadPool* pool) const override;
   void compute_raw(const ConvPlan& plan, const float* input, float* output,
-                   ThreadPool* pool) const override;
+                   int64_t out_plane, ThreadPool* pool) const override;
 
  private:
   detail::LookupKernelArgs lookup_args(const ConvPlan& plan,
-                                       const float* prepared,
-                                       float* output) const;
+                                       const float* prepared, float* output,
+                                       int64_t out_plane) const;
 
   QuantConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
               QuantKernel kernel);
@@ -271,16 +291,17 @@ class DenseConv2d : public Conv2d {
  protected:
   Status fill_plan(ConvPlan* plan) const override;
   void compute(const ConvPlan& plan, const float* prepared, float* output,
-               ThreadPool* pool) const override;
+               int64_t out_plane, ThreadPool* pool) const override;
   void compute_raw(const ConvPlan& plan, const float* input, float* output,
-                   ThreadPool* pool) const override;
+                   int64_t out_plane, ThreadPool* pool) const override;
 
  private:
   void compute_winograd(const ConvPlan& plan, const float* input,
-                        float* output, ThreadPool* pool) const;
+                        float* output, int64_t out_plane,
+                        ThreadPool* pool) const;
   detail::DenseKernelArgs dense_args(const ConvPlan& plan,
-                                     const float* prepared,
-                                     float* output) const;
+                                     const float* prepared, float* output,
+                                     int64_t out_plane) const;
 
   DenseConv2d(const ConvGeometry& geometry, Activation activation, Isa isa,
               DenseAlgorithm algorithm);

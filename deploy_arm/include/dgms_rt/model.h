@@ -43,6 +43,14 @@ struct ModelOptions {
   // Full-precision 3x3 stride-1 layers: kAuto runs Winograd where it is
   // faster (see DenseConv2d), kDirect saves its 4x filter memory.
   DenseAlgorithm dense_algorithm = DenseAlgorithm::kAuto;
+  // Working-set size of a band of a conv chain, in bytes. A chain is a
+  // depthwise conv with a 1x1 conv after it and optionally one before it
+  // (MobileNetV2's inverted residual block). Where its expanded tensor
+  // holds at least 4 such bands, it runs band by band of output rows, so
+  // that the expanded rows stay in cache (docs/deploy_arm.md). The
+  // results are the same bits either way. The default suits a 1 MiB L2
+  // cache per core; 0 runs every conv on its whole input.
+  int64_t chain_band_bytes = int64_t(1) << 20;
 };
 
 class ModelImpl;

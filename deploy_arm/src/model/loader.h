@@ -13,8 +13,10 @@
 
 namespace dgms_rt {
 
+// kConvChain is built by the executor (see ModelImpl::build), never read
+// from a file.
 enum class OpType { kConv2d, kLinear, kAdd, kRelu, kRelu6, kMaxPool2d,
-                    kResizeNearest, kFlatten };
+                    kResizeNearest, kFlatten, kConvChain };
 
 struct LayerData {
   bool is_conv = true;
@@ -39,6 +41,11 @@ struct NodeData {
   int layer = -1;
   Activation activation = Activation::kNone;
   int conv = -1;  // index into the built conv objects
+  // conv_chain: built convs {expand 1x1 or -1, depthwise, the depthwise
+  // without row padding, project 1x1} and the layers of the first, second
+  // and fourth.
+  int chain[4] = {-1, -1, -1, -1};
+  std::vector<int> chain_layers;
   // max_pool2d
   int64_t kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0},
           dilation[2] = {1, 1};

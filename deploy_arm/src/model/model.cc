@@ -122,6 +122,17 @@ void fuse_add_activation(GraphData* graph) {
   compute_last_use(graph);
 }
 
+bool is_flat_1x1(const ConvGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 &&
+         g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.groups == 1;
+}
+
+bool is_depthwise(const ConvGeometry& g) {
+  return g.groups == g.in_channels && g.groups == g.out_channels &&
+         g.dilation_h == 1 && g.kernel_h > g.pad_h;
+}
+
+
 }  // namespace
 
 class ModelImpl {
@@ -130,6 +141,7 @@ class ModelImpl {
   std::vector<BuiltConv> convs;
   std::unique_ptr<ThreadPool> pool;
   DenseHeadSettings head;
+  int64_t chain_band_bytes = 0;  // see ModelOptions
 
   // Buffers of the last graph run, reused by the next one, so that runs
   // after the first neither page-fault nor zero-fill their intermediate
@@ -178,6 +190,13 @@ class ModelImpl {
         convs.push_back(std::move(built));
       }
     }
+    chain_band_bytes = options.chain_band_bytes;
+    if (chain_band_bytes > 0) {
+      for (auto& entry : content.graphs) {
+        Status s = fuse_conv_chains(options, &entry.second);
+        if (!s.ok()) return s;
+      }
+    }
     // Parsed weights are now repacked inside the kernels; keep only what
     // the executor reads itself.
     for (LayerData& layer : content.layers) {
@@ -192,6 +211,93 @@ class ModelImpl {
       Status s = parse_dense_head_settings(*config, content.num_levels, &head);
       if (!s.ok()) return s;
     }
+    return Status::Ok();
+  }
+
+  // Replaces each chain of conv nodes "1x1 (optional) -> depthwise -> 1x1"
+  // whose intermediate values have no other reader by one conv_chain node
+  // (see run_chain). The depthwise layer gets a twin without row padding
+  // for bands of rows that carry their own padding rows.
+  Status fuse_conv_chains(const ModelOptions& options, GraphData* graph) {
+    std::vector<int> readers(size_t(graph->num_values), 0);
+    for (const NodeData& node : graph->nodes)
+      for (int v : node.inputs) ++readers[size_t(v)];
+    for (const auto& output : graph->outputs)
+      readers[size_t(output.second)] += 2;  // never an inner value
+    std::vector<int> producer(size_t(graph->num_values), -1);
+    std::vector<int> reader(size_t(graph->num_values), -1);
+    for (size_t i = 0; i < graph->nodes.size(); ++i) {
+      producer[size_t(graph->nodes[i].output)] = int(i);
+      for (int v : graph->nodes[i].inputs) reader[size_t(v)] = int(i);
+    }
+    const auto conv_layer = [&](int i) -> const LayerData* {
+      if (i < 0) return nullptr;
+      const NodeData& node = graph->nodes[size_t(i)];
+      if (node.op != OpType::kConv2d) return nullptr;
+      return &content.layers[size_t(node.layer)];
+    };
+
+    std::vector<bool> dropped(graph->nodes.size(), false);
+    bool changed = false;
+    std::map<std::pair<int, int>, int> twins;
+    for (size_t d = 0; d < graph->nodes.size(); ++d) {
+      const LayerData* dw = conv_layer(int(d));
+      if (dw == nullptr || !is_depthwise(dw->geometry)) continue;
+      NodeData& dw_node = graph->nodes[d];
+      const int dw_out = dw_node.output;
+      if (readers[size_t(dw_out)] != 1) continue;
+      const int p = reader[size_t(dw_out)];
+      const LayerData* project = conv_layer(p);
+      if (project == nullptr || !is_flat_1x1(project->geometry) ||
+          dropped[size_t(p)])
+        continue;
+      const int dw_in = dw_node.inputs[0];
+      int e = producer[size_t(dw_in)];
+      const LayerData* expand = conv_layer(e);
+      if (expand == nullptr || !is_flat_1x1(expand->geometry) ||
+          readers[size_t(dw_in)] != 1 || dropped[size_t(e)])
+        e = -1;
+
+      const auto key = std::make_pair(dw_node.layer, int(dw_node.activation));
+      auto twin = twins.find(key);
+      if (twin == twins.end()) {
+        LayerData rows = *dw;
+        rows.geometry.pad_h = 0;
+        BuiltConv built;
+        Status s = make_conv(rows, dw_node.activation, options, &built);
+        if (!s.ok())
+          return Status(s.code(), "layer " + std::to_string(dw_node.layer) +
+                                      " (" + dw->name + "): " + s.message());
+        built.layer = dw_node.layer;
+        twin = twins.emplace(key, int(convs.size())).first;
+        convs.push_back(std::move(built));
+      }
+
+      NodeData& last = graph->nodes[size_t(p)];
+      NodeData chain;
+      chain.op = OpType::kConvChain;
+      chain.inputs = {e >= 0 ? graph->nodes[size_t(e)].inputs[0] : dw_in};
+      chain.output = last.output;
+      chain.chain[0] = e >= 0 ? graph->nodes[size_t(e)].conv : -1;
+      chain.chain[1] = dw_node.conv;
+      chain.chain[2] = twin->second;
+      chain.chain[3] = last.conv;
+      if (e >= 0) chain.chain_layers.push_back(graph->nodes[size_t(e)].layer);
+      chain.chain_layers.push_back(dw_node.layer);
+      chain.chain_layers.push_back(last.layer);
+      // The chain runs where its last conv did: its input is defined
+      // earlier and, with last_use recomputed, stays alive until then.
+      last = std::move(chain);
+      dropped[d] = true;
+      if (e >= 0) dropped[size_t(e)] = true;
+      changed = true;
+    }
+    if (!changed) return Status::Ok();
+    std::vector<NodeData> kept;
+    for (size_t i = 0; i < graph->nodes.size(); ++i)
+      if (!dropped[i]) kept.push_back(std::move(graph->nodes[i]));
+    graph->nodes = std::move(kept);
+    compute_last_use(graph);
     return Status::Ok();
   }
 
@@ -250,8 +356,12 @@ class ModelImpl {
 
   Status run_conv(const NodeData& node, const Tensor& x, BufferPool* buffers,
                   Tensor* y) const {
-    const BuiltConv& built = convs[size_t(node.conv)];
-    const ConvGeometry& g = built.conv->geometry();
+    return run_conv_with(*convs[size_t(node.conv)].conv, x, buffers, y);
+  }
+
+  Status run_conv_with(const Conv2d& conv, const Tensor& x,
+                       BufferPool* buffers, Tensor* y) const {
+    const ConvGeometry& g = conv.geometry();
     if (x.shape.size() != 4 || x.shape[1] != g.in_channels)
       return invalid("expects input (N, " + std::to_string(g.in_channels) +
                      ", H, W), got " + x.shape_string());
@@ -266,10 +376,160 @@ class ModelImpl {
     const int64_t in_size = g.in_channels * x.shape[2] * x.shape[3];
     const int64_t out_size = g.out_channels * oh * ow;
     for (int64_t b = 0; b < n; ++b) {
-      s = built.conv->run(x.data.data() + b * in_size, in_size, x.shape[2],
+      s = conv.run(x.data.data() + b * in_size, in_size, x.shape[2],
                           x.shape[3], y->data.data() + b * out_size, out_size,
                           pool.get());
       if (!s.ok()) return s;
+    }
+    return Status::Ok();
+  }
+
+  // Runs a conv_chain node. Where its expanded tensor holds at least 4
+  // bands, it runs band by band of output rows. A band computes the
+  // expanded rows it needs into a per-thread buffer, with zero rows for
+  // the padding at the top and bottom. Then the depthwise twin without
+  // row padding runs on them, and the project conv writes the band's
+  // output rows. A thread runs consecutive bands and keeps the rows that
+  // the next band shares. Each output gets the same operations as conv by
+  // conv, so the results are the same bits. Smaller chains run conv by
+  // conv.
+  Status run_chain(const NodeData& node, const Tensor& x, BufferPool* buffers,
+                   Tensor* y) const {
+    const Conv2d* expand =
+        node.chain[0] >= 0 ? convs[size_t(node.chain[0])].conv.get() : nullptr;
+    const Conv2d& dw = *convs[size_t(node.chain[1])].conv;
+    const Conv2d& rows_dw = *convs[size_t(node.chain[2])].conv;
+    const Conv2d& project = *convs[size_t(node.chain[3])].conv;
+    const ConvGeometry& dg = dw.geometry();
+    const int64_t in_channels =
+        expand != nullptr ? expand->geometry().in_channels : dg.in_channels;
+    if (x.shape.size() != 4 || x.shape[1] != in_channels)
+      return invalid("expects input (N, " + std::to_string(in_channels) +
+                     ", H, W), got " + x.shape_string());
+    const int64_t n = x.shape[0], h = x.shape[2], w = x.shape[3];
+    const int64_t mid = dg.in_channels;
+    int64_t oh, ow;
+    Status s = conv_output_size(dg, h, w, &oh, &ow);
+    if (!s.ok()) return s;
+    const int64_t out_channels = project.geometry().out_channels;
+    y->shape = {n, out_channels, oh, ow};
+    s = check_elements(y->numel(), "the output " + y->shape_string());
+    if (!s.ok()) return s;
+    s = check_elements(mid * h * w, "the expanded tensor (" +
+                                        std::to_string(mid) + ", " +
+                                        std::to_string(h) + ", " +
+                                        std::to_string(w) + ")");
+    if (!s.ok()) return s;
+
+    const int threads = pool->num_threads();
+    const int64_t stride = dg.stride_h, kh = dg.kernel_h;
+    // Bytes per band: kh - stride shared rows plus, per output row, stride
+    // expanded rows and one depthwise output row.
+    const int64_t per_row = 4 * mid * (stride * w + ow);
+    const int64_t shared = 4 * mid * (kh - stride > 0 ? kh - stride : 0) * w;
+    const int64_t band = std::max<int64_t>(
+        1, std::min(oh, (chain_band_bytes - shared) / per_row));
+    const int64_t bands = (oh + band - 1) / band;
+    if (mid * h * w < chain_band_bytes || bands < 2 * threads) {
+      Tensor expanded, depthwise;
+      const Tensor* dw_input = &x;
+      if (expand != nullptr) {
+        s = run_conv_with(*expand, x, buffers, &expanded);
+        if (!s.ok()) return s;
+        dw_input = &expanded;
+      }
+      s = run_conv_with(dw, *dw_input, buffers, &depthwise);
+      buffers->give(&expanded.data);
+      if (!s.ok()) return s;
+      s = run_conv_with(project, depthwise, buffers, y);
+      buffers->give(&depthwise.data);
+      return s;
+    }
+
+    y->data = buffers->take(size_t(y->numel()));
+    const int64_t rows_max = (band - 1) * stride + kh;
+    const int64_t in_plane = h * w, out_plane = oh * ow;
+    const int64_t items = std::min<int64_t>(threads, bands);
+    std::vector<Status> failures(static_cast<size_t>(items));
+    for (int64_t b = 0; b < n; ++b) {
+      const float* input = x.data.data() + b * in_channels * in_plane;
+      const int64_t input_size = in_channels * in_plane;
+      float* output = y->data.data() + b * out_channels * out_plane;
+      const int64_t output_size = out_channels * out_plane;
+      pool->parallel_for(items, [&](int64_t item) {
+        // Each thread keeps its buffers between runs (see BufferPool).
+        thread_local FloatVector rows_buffer, dw_buffer;
+        try {
+          rows_buffer.resize(size_t(mid * rows_max * w));
+          dw_buffer.resize(size_t(mid * band * ow));
+        } catch (const std::bad_alloc&) {
+          failures[size_t(item)] = Status(
+              StatusCode::kOutOfMemory, "out of memory for the band buffers");
+          return;
+        }
+        float* rows = rows_buffer.data();
+        const int64_t rows_size = int64_t(rows_buffer.size());
+        const int64_t rows_plane = rows_max * w;
+        int64_t have_lo = 0, have_hi = -1;  // expanded rows in the buffer
+        for (int64_t k = item * bands / items;
+             k < (item + 1) * bands / items; ++k) {
+          const int64_t y0 = k * band, y1 = std::min(oh, y0 + band);
+          const int64_t lo = y0 * stride - dg.pad_h;
+          const int64_t hi = (y1 - 1) * stride - dg.pad_h + kh - 1;
+          // Move the rows this band shares with the previous one to the
+          // top of each plane.
+          int64_t first_new = lo;
+          if (have_hi >= lo && have_lo <= lo) {
+            const int64_t count = have_hi - lo + 1;
+            for (int64_t c = 0; c < mid; ++c) {
+              float* plane = rows + c * rows_plane;
+              std::memmove(plane, plane + (lo - have_lo) * w,
+                           size_t(count * w) * sizeof(float));
+            }
+            first_new = have_hi + 1;
+          }
+          const int64_t valid_lo = std::max<int64_t>(first_new, 0);
+          const int64_t valid_hi = std::min(hi, h - 1);
+          for (int64_t r = first_new; r <= hi; ++r) {
+            if (r >= 0 && r < h) continue;
+            for (int64_t c = 0; c < mid; ++c)
+              std::fill_n(rows + c * rows_plane + (r - lo) * w, w, 0.0f);
+          }
+          Status st;
+          if (valid_lo <= valid_hi) {
+            const int64_t count = valid_hi - valid_lo + 1;
+            float* dst = rows + (valid_lo - lo) * w;
+            const float* src = input + valid_lo * w;
+            if (expand != nullptr) {
+              st = expand->run_view(src, input_size - valid_lo * w, in_plane,
+                                    count, w, dst,
+                                    rows_size - (valid_lo - lo) * w,
+                                    rows_plane, nullptr);
+            } else {
+              for (int64_t c = 0; c < mid; ++c)
+                std::copy_n(src + c * in_plane, count * w,
+                            dst + c * rows_plane);
+            }
+          }
+          have_lo = lo;
+          have_hi = hi;
+          if (st.ok())
+            st = rows_dw.run_view(rows, rows_size, rows_plane, hi - lo + 1, w,
+                                  dw_buffer.data(),
+                                  int64_t(dw_buffer.size()), band * ow,
+                                  nullptr);
+          if (st.ok())
+            st = project.run_view(dw_buffer.data(), int64_t(dw_buffer.size()),
+                                  band * ow, y1 - y0, ow, output + y0 * ow,
+                                  output_size - y0 * ow, out_plane, nullptr);
+          if (!st.ok()) {
+            failures[size_t(item)] = st;
+            return;
+          }
+        }
+      });
+      for (const Status& f : failures)
+        if (!f.ok()) return f;
     }
     return Status::Ok();
   }
@@ -386,6 +646,8 @@ class ModelImpl {
     switch (node.op) {
       case OpType::kConv2d:
         return run_conv(node, x, buffers, y);
+      case OpType::kConvChain:
+        return run_chain(node, x, buffers, y);
       case OpType::kLinear:
         return run_linear(node, x, buffers, y);
       case OpType::kAdd: {
@@ -445,7 +707,8 @@ class ModelImpl {
   // Describes node i for profiles: operator, kernel size and weight type.
   std::string node_label(const NodeData& node) const {
     static const char* names[] = {"conv2d", "linear", "add", "relu", "relu6",
-                                  "max_pool2d", "resize_nearest", "flatten"};
+                                  "max_pool2d", "resize_nearest", "flatten",
+                                  "conv_chain"};
     std::string label = names[int(node.op)];
     if (node.op == OpType::kConv2d) {
       const LayerData& layer = content.layers[size_t(node.layer)];
@@ -455,7 +718,30 @@ class ModelImpl {
       if (g.groups > 1) label += g.groups == g.in_channels ? " dw" : " grouped";
       label += layer.bits ? " q" + std::to_string(layer.bits) : " f32";
     }
+    if (node.op == OpType::kConvChain) {
+      // e.g. "conv_chain 3 q4": three convs, 4-bit (mixed: "q4/f32").
+      std::vector<std::string> kinds;
+      for (int l : node.chain_layers) {
+        const int bits = content.layers[size_t(l)].bits;
+        const std::string kind = bits ? "q" + std::to_string(bits) : "f32";
+        if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end())
+          kinds.push_back(kind);
+      }
+      label += " " + std::to_string(node.chain_layers.size());
+      for (size_t k = 0; k < kinds.size(); ++k)
+        label += (k ? "/" : " ") + kinds[k];
+    }
     return label;
+  }
+
+  // Names the layers of node i for profiles.
+  std::string node_layers(const NodeData& node) const {
+    if (node.op != OpType::kConvChain)
+      return node.layer >= 0 ? content.layers[size_t(node.layer)].name : "";
+    std::string names;
+    for (int l : node.chain_layers)
+      names += (names.empty() ? "" : " + ") + content.layers[size_t(l)].name;
+    return names;
   }
 
   Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
@@ -513,7 +799,7 @@ class ModelImpl {
       if (times != nullptr) {
         Model::NodeTime t;
         t.op = node_label(node);
-        if (node.layer >= 0) t.layer = content.layers[size_t(node.layer)].name;
+        t.layer = node_layers(node);
         t.ms = std::chrono::duration<double, std::milli>(
                    std::chrono::steady_clock::now() - start).count();
         times->push_back(t);
@@ -556,6 +842,10 @@ Status Model::load_buffer(const uint8_t* data, size_t size,
     return invalid("threads is " + std::to_string(options.threads) +
                    ", expected 1 to " +
                    std::to_string(ThreadPool::kMaxThreads));
+  if (options.chain_band_bytes < 0)
+    return invalid("chain_band_bytes is " +
+                   std::to_string(options.chain_band_bytes) +
+                   ", expected 0 (run chains conv by conv) or a byte count");
   std::unique_ptr<ModelImpl> impl(new ModelImpl);
   Status s = parse_packed(data, size, name, &impl->content);
   if (!s.ok()) return s;
