@@ -433,6 +433,44 @@ Status Conv2d::run(const float* input, int64_t input_size, int64_t height,
                   output_size, out_h * out_w, pool);
 }
 
+namespace {
+
+// Checks that `channels` planes of height x width, `plane` floats apart,
+// fit in a buffer of `size` floats and in the kernels' int32 offsets.
+Status check_view(const char* name, const float* data, int64_t size,
+                  int64_t plane, int64_t channels, int64_t height,
+                  int64_t width) {
+  const int64_t pixels = height * width;
+  if (data == nullptr) {
+    return invalid(std::string(name) + " is null");
+  }
+  if (plane < pixels) {
+    return invalid(std::string(name) + " plane distance " + str(plane) +
+                   " is less than " + str(height) + " x " + str(width) +
+                   " = " + str(pixels) + ": planes would overlap");
+  }
+  // The last channel's plane ends at (channels - 1) * plane + pixels.
+  int64_t start = 0;
+  int64_t extent = 0;
+  if (__builtin_mul_overflow(channels - 1, plane, &start) ||
+      __builtin_add_overflow(start, pixels, &extent) ||
+      extent > ConvLimits::kMaxElements) {
+    return invalid(std::string(name) + " view of " + str(channels) +
+                   " planes " + str(plane) + " floats apart spans more " +
+                   "than the runtime's limit of " +
+                   str(ConvLimits::kMaxElements) + " elements");
+  }
+  if (extent > size) {
+    return invalid(std::string(name) + " view of " + str(channels) +
+                   " planes of " + str(height) + "x" + str(width) + ", " +
+                   str(plane) + " floats apart, needs " + str(extent) +
+                   " elements, but the buffer has " + str(size));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status Conv2d::run_view(const float* input, int64_t input_size,
                         int64_t input_plane, int64_t height, int64_t width,
                         float* output, int64_t output_size,
@@ -443,35 +481,12 @@ Status Conv2d::run_view(const float* input, int64_t input_size,
     int64_t out_w = 0;
     Status status = conv_output_size(g, height, width, &out_h, &out_w);
     if (!status.ok()) return status;
-    // The last channel's plane ends at (channels - 1) * plane + h * w.
-    const auto extent = [](int64_t channels, int64_t plane, int64_t pixels,
-                           int64_t* out) {
-      int64_t start = 0;
-      return !__builtin_mul_overflow(channels - 1, plane, &start) &&
-             !__builtin_add_overflow(start, pixels, out);
-    };
-    int64_t in_extent = 0;
-    int64_t out_extent = 0;
-    if (input == nullptr || input_plane < height * width ||
-        !extent(g.in_channels, input_plane, height * width, &in_extent) ||
-        in_extent > input_size || in_extent > ConvLimits::kMaxElements) {
-      return invalid("input view of " + str(g.in_channels) + " planes of " +
-                     str(height) + "x" + str(width) + ", " +
-                     str(input_plane) + " floats apart, does not fit the " +
-                     str(input == nullptr ? 0 : input_size) +
-                     " elements given: the plane distance must be at least " +
-                     "height x width and the buffer hold every plane");
-    }
-    if (output == nullptr || output_plane < out_h * out_w ||
-        !extent(g.out_channels, output_plane, out_h * out_w, &out_extent) ||
-        out_extent > output_size || out_extent > ConvLimits::kMaxElements) {
-      return invalid("output view of " + str(g.out_channels) +
-                     " planes of " + str(out_h) + "x" + str(out_w) + ", " +
-                     str(output_plane) + " floats apart, does not fit the " +
-                     str(output == nullptr ? 0 : output_size) +
-                     " elements given: the plane distance must be at least " +
-                     "out_h x out_w and the buffer hold every plane");
-    }
+    Status view = check_view("input", input, input_size, input_plane,
+                             g.in_channels, height, width);
+    if (!view.ok()) return view;
+    view = check_view("output", output, output_size, output_plane,
+                      g.out_channels, out_h, out_w);
+    if (!view.ok()) return view;
 
     std::shared_ptr<const ConvPlan> plan;
     status = get_plan(height, width, input_plane, &plan);
