@@ -342,14 +342,16 @@ inline typename Ops::Vec finish_output(typename Ops::Vec sum,
 // each block runs over all the tiles, writing kOutBlock contiguous output
 // runs. Every output vector gets the same operations as in dense_tile or
 // lookup_tile, so the results are the same bits.
-template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct>
+template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct,
+          int kTaps>
 void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
                 int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
   constexpr int64_t kWidth = kTile * Ops::kLanes;
   const int64_t tiles = tile_end - tile_begin;
-  const int64_t taps = args.taps;
+  const int64_t taps = kTaps > 0 ? kTaps : args.taps;
+  constexpr int kTapGroup = 8;  // see the tap loop below
   thread_local std::vector<float> panel_storage;
   if (static_cast<int64_t>(panel_storage.size()) < tiles * taps * kWidth) {
     panel_storage.resize(tiles * taps * kWidth);
@@ -402,7 +404,7 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
       for (int j = 0; j < kOutBlock; ++j) {
         for (int s = 0; s < kTile; ++s) acc[j][s] = Ops::zero();
       }
-      for (int64_t t = 0; t < taps; ++t) {
+      const auto add_tap = [&](int64_t t) {
         Vec x[kTile];
         for (int s = 0; s < kTile; ++s) {
           x[s] = Ops::load(x_tile + t * kWidth + s * Ops::kLanes);
@@ -419,6 +421,36 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
             acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
           }
         }
+      };
+      // Groups of a fixed number of taps: with one loop over a run-time
+      // count, GCC left a vector register unused and read one input vector
+      // from memory for every multiply-add, which cost about 15 % (AVX2).
+      int64_t t = 0;
+      for (; t + kTapGroup <= taps; t += kTapGroup) {
+        for (int u = 0; u < kTapGroup; ++u) add_tap(t + u);
+      }
+      if constexpr (kTaps % kTapGroup != 0 || kTaps == 0) {
+        for (; t < taps; ++t) add_tap(t);
+      }
+      // A tile of whole, consecutive vectors (all but the last tile of a
+      // flat plan) stores without per-vector lane checks.
+      bool whole = outputs == kOutBlock;
+      for (int s = 0; s < kTile; ++s) {
+        whole = whole && seg[s].lanes == Ops::kLanes &&
+                seg[s].output_offset == seg[0].output_offset + s * Ops::kLanes;
+      }
+      if (whole) {
+        for (int j = 0; j < kOutBlock; ++j) {
+          float* out = out_plane[j] + seg[0].output_offset;
+          for (int s = 0; s < kTile; ++s) {
+            Ops::store(out + s * Ops::kLanes,
+                       finish_output<Ops, kLookup, kAct>(
+                           acc[j][s], scale[j], bias[j],
+                           args.scale != nullptr),
+                       Ops::kLanes);
+          }
+        }
+        continue;
       }
       for (int j = 0; j < outputs; ++j) {
         for (int s = 0; s < kTile; ++s) {
@@ -436,8 +468,19 @@ template <class Ops, int kTile, int kOutBlock, class Args>
 void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
                  int64_t block_begin, int64_t block_end) {
   with_activation(args.activation, [&](auto act) {
-    chunk_body<Ops, kTile, kOutBlock, Args, decltype(act)::value>(
-        args, tile_begin, tile_end, block_begin, block_end);
+    constexpr Activation kAct = decltype(act)::value;
+    // The tap counts of MobileNetV2's widest expansions (16 and 24 input
+    // channels) get fully unrolled copies: about 10 % faster than groups.
+    if (args.taps == 16) {
+      chunk_body<Ops, kTile, kOutBlock, Args, kAct, 16>(
+          args, tile_begin, tile_end, block_begin, block_end);
+    } else if (args.taps == 24) {
+      chunk_body<Ops, kTile, kOutBlock, Args, kAct, 24>(
+          args, tile_begin, tile_end, block_begin, block_end);
+    } else {
+      chunk_body<Ops, kTile, kOutBlock, Args, kAct, 0>(
+          args, tile_begin, tile_end, block_begin, block_end);
+    }
   });
 }
 
