@@ -263,42 +263,79 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
-  for (int64_t block = block_begin; block < block_end; ++block) {
-    const int64_t group = block / args.blocks_per_group;
-    const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
-    if (group != prepared_group) {
-      inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, &panel);
-      prepared_group = group;
-    }
+  // With many taps (a 3x3 conv over hundreds of channels) the tile's
+  // inputs under all taps outgrow the L2 cache, and every block would read
+  // them from memory again. So the taps run in chunks, each for all blocks
+  // of the item, with the sums kept in `partial` between chunks. The sums
+  // leave and re-enter the registers unchanged, so the results are the
+  // same bits.
+  constexpr int64_t kWidth = kTile * Ops::kLanes;
+  const int64_t taps = args.taps;
+  const int64_t blocks = block_end - block_begin;
+  const int64_t chunk =
+      !pack && blocks > 1 && taps > kLookupTapChunk ? kLookupTapChunk : taps;
+  thread_local std::vector<float> partial;
+  if (chunk < taps &&
+      static_cast<int64_t>(partial.size()) < blocks * kOutBlock * kWidth) {
+    partial.resize(blocks * kOutBlock * kWidth);
+  }
 
-    Vec acc[kOutBlock][kTile];
-    for (int j = 0; j < kOutBlock; ++j) {
-      for (int s = 0; s < kTile; ++s) acc[j][s] = Ops::zero();
-    }
+  for (int64_t t0 = 0; t0 < taps; t0 += chunk) {
+    const int64_t t1 = std::min(taps, t0 + chunk);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t group = block / args.blocks_per_group;
+      const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
+      if (group != prepared_group) {
+        inputs.prepare(args.input, args.group_input_stride, args.offsets,
+                       args.taps, segments, group, pack, &panel);
+        prepared_group = group;
+      }
 
-    const uint8_t* indices = args.indices + block * args.taps * kOutBlock;
-    for (int64_t t = 0; t < args.taps; ++t) {
-      Vec x[kTile];
-      inputs.load(t, x);
+      float* sums = nullptr;
+      if (chunk < taps) {
+        sums = partial.data() + (block - block_begin) * kOutBlock * kWidth;
+      }
+      Vec acc[kOutBlock][kTile];
       for (int j = 0; j < kOutBlock; ++j) {
-        const Vec w = Ops::set1(args.codebook[indices[t * kOutBlock + j]]);
         for (int s = 0; s < kTile; ++s) {
-          acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
+          acc[j][s] = t0 == 0 ? Ops::zero()
+                              : Ops::load(sums + j * kWidth + s * Ops::kLanes);
         }
       }
-    }
 
-    for (int j = 0; j < kOutBlock; ++j) {
-      if (first_local + j >= args.out_per_group) break;
-      const int64_t o = group * args.out_per_group + first_local + j;
-      const Vec scale = Ops::set1(args.scale[o]);
-      const Vec bias = Ops::set1(args.bias[o]);
-      float* out_plane = args.output + o * args.out_plane;
-      for (int s = 0; s < kTile; ++s) {
-        const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
-        Ops::store(out_plane + segments[s].output_offset,
-                   activate<Ops>(y, args.activation), segments[s].lanes);
+      const uint8_t* indices = args.indices + block * args.taps * kOutBlock;
+      for (int64_t t = t0; t < t1; ++t) {
+        Vec x[kTile];
+        inputs.load(t, x);
+        for (int j = 0; j < kOutBlock; ++j) {
+          const Vec w = Ops::set1(args.codebook[indices[t * kOutBlock + j]]);
+          for (int s = 0; s < kTile; ++s) {
+            acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
+          }
+        }
+      }
+
+      if (t1 < taps) {
+        for (int j = 0; j < kOutBlock; ++j) {
+          for (int s = 0; s < kTile; ++s) {
+            Ops::store(sums + j * kWidth + s * Ops::kLanes, acc[j][s],
+                       Ops::kLanes);
+          }
+        }
+        continue;
+      }
+
+      for (int j = 0; j < kOutBlock; ++j) {
+        if (first_local + j >= args.out_per_group) break;
+        const int64_t o = group * args.out_per_group + first_local + j;
+        const Vec scale = Ops::set1(args.scale[o]);
+        const Vec bias = Ops::set1(args.bias[o]);
+        float* out_plane = args.output + o * args.out_plane;
+        for (int s = 0; s < kTile; ++s) {
+          const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
+          Ops::store(out_plane + segments[s].output_offset,
+                     activate<Ops>(y, args.activation), segments[s].lanes);
+        }
       }
     }
   }
