@@ -16,6 +16,10 @@ struct Ops {
   static Vec load_partial(const float* p, int lanes) {
     return lanes > 0 ? *p : 0.0f;
   }
+  // Lanes [0, lanes) of a and the others of b.
+  static Vec select_first(Vec a, Vec b, int lanes) {
+    return lanes > 0 ? a : b;
+  }
   static Vec add(Vec a, Vec b) { return a + b; }
   static Vec sub(Vec a, Vec b) { return a - b; }
   static Vec mul(Vec a, Vec b) { return a * b; }

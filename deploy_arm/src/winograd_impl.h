@@ -97,11 +97,15 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
     const int64_t ty = first / args.tiles_x;
     const int64_t tx = first % args.tiles_x;
     // A vector of tiles within one tile row reads runs of consecutive
-    // floats. A vector that wraps to the next row (or past the last tile)
-    // is gathered lane by lane.
+    // floats. One that wraps to the next row takes its first `split` lanes
+    // from a run in this row and the rest from a run in the next. Others
+    // (over three rows or past the last tile) are gathered lane by lane.
     const bool one_row = tx + Ops::kLanes <= args.tiles_x;
+    const bool two_rows = !one_row && tx + Ops::kLanes <= 2 * args.tiles_x &&
+                          first + Ops::kLanes <= tiles;
+    const int split = static_cast<int>(args.tiles_x - tx);
     alignas(64) float gathered[6][6][Ops::kLanes];
-    if (!one_row) {
+    if (!one_row && !two_rows) {
       for (int l = 0; l < Ops::kLanes; ++l) {
         const int64_t t = first + l;
         if (t >= tiles) {
@@ -127,8 +131,16 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
       Vec d[6];
       const float* column = tile_rows + (j & 3) * phase_w + tx + (j >> 2);
       for (int i = 0; i < 6; ++i) {
-        d[i] = one_row ? Ops::load(column + i * row_stride)
-                       : Ops::load(gathered[i][j]);
+        if (one_row) {
+          d[i] = Ops::load(column + i * row_stride);
+        } else if (two_rows) {
+          // Lane l >= split is tile l - split of the next tile row.
+          const float* next = column + (4 + i) * row_stride - args.tiles_x;
+          d[i] = Ops::select_first(Ops::load(column + i * row_stride),
+                                   Ops::load(next), split);
+        } else {
+          d[i] = Ops::load(gathered[i][j]);
+        }
       }
       Vec r[6];
       winograd_input_1d<Ops>(d, r);

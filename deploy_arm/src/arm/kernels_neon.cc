@@ -21,6 +21,13 @@ struct Ops {
     for (int i = 0; i < lanes; ++i) tmp[i] = p[i];
     return vld1q_f32(tmp);
   }
+  // Lanes [0, lanes) of a and the others of b.
+  static Vec select_first(Vec a, Vec b, int lanes) {
+    const uint32_t index[kLanes] = {0, 1, 2, 3};
+    const uint32x4_t mask =
+        vcltq_u32(vld1q_u32(index), vdupq_n_u32(static_cast<uint32_t>(lanes)));
+    return vbslq_f32(mask, a, b);
+  }
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec sub(Vec a, Vec b) { return vsubq_f32(a, b); }
   static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }

@@ -21,6 +21,12 @@ struct Ops {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
     return _mm256_maskload_ps(p, mask);
   }
+  // Lanes [0, lanes) of a and the others of b.
+  static Vec select_first(Vec a, Vec b, int lanes) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask));
+  }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }

@@ -32,6 +32,10 @@ struct Ops {
   static Vec load_partial(const float* p, int lanes) {
     return _mm512_maskz_loadu_ps(first(lanes), p);
   }
+  // Lanes [0, lanes) of a and the others of b.
+  static Vec select_first(Vec a, Vec b, int lanes) {
+    return _mm512_mask_blend_ps(first(lanes), b, a);
+  }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
