@@ -96,13 +96,15 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
   for (int64_t first = 0; first < tiles; first += Ops::kLanes) {
     const int64_t ty = first / args.tiles_x;
     const int64_t tx = first % args.tiles_x;
-    // A vector of tiles within one tile row reads runs of consecutive
+    // A vector whose tiles lie in one tile row reads runs of consecutive
     // floats. One that wraps to the next row takes its first `split` lanes
-    // from a run in this row and the rest from a run in the next. Others
-    // (over three rows or past the last tile) are gathered lane by lane.
-    const bool one_row = tx + Ops::kLanes <= args.tiles_x;
-    const bool two_rows = !one_row && tx + Ops::kLanes <= 2 * args.tiles_x &&
-                          first + Ops::kLanes <= tiles;
+    // from a run in this row and the rest from a run in the next. Lanes
+    // past the last tile are zero. Vectors over three rows or more are
+    // gathered lane by lane.
+    const int valid =
+        static_cast<int>(std::min<int64_t>(Ops::kLanes, tiles - first));
+    const bool one_row = tx + valid <= args.tiles_x;
+    const bool two_rows = !one_row && tx + valid <= 2 * args.tiles_x;
     const int split = static_cast<int>(args.tiles_x - tx);
     alignas(64) float gathered[6][6][Ops::kLanes];
     if (!one_row && !two_rows) {
@@ -140,6 +142,9 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
                                    Ops::load(next), split);
         } else {
           d[i] = Ops::load(gathered[i][j]);
+        }
+        if (valid < Ops::kLanes && (one_row || two_rows)) {
+          d[i] = Ops::select_first(d[i], Ops::zero(), valid);
         }
       }
       Vec r[6];
