@@ -447,91 +447,129 @@ class ModelImpl {
     }
 
     y->data = buffers->take(size_t(y->numel()));
-    const int64_t rows_max = (band - 1) * stride + kh;
-    const int64_t in_plane = h * w, out_plane = oh * ow;
+    ChainBands chain{expand, rows_dw, project, dg, in_channels, mid,
+                     out_channels, h, w, oh, ow, band};
     const int64_t items = std::min<int64_t>(threads, bands);
     std::vector<Status> failures(static_cast<size_t>(items));
     for (int64_t b = 0; b < n; ++b) {
-      const float* input = x.data.data() + b * in_channels * in_plane;
-      const int64_t input_size = in_channels * in_plane;
-      float* output = y->data.data() + b * out_channels * out_plane;
-      const int64_t output_size = out_channels * out_plane;
+      const float* input = x.data.data() + b * in_channels * h * w;
+      float* output = y->data.data() + b * out_channels * oh * ow;
       pool->parallel_for(items, [&](int64_t item) {
-        // Each thread keeps its buffers between runs (see BufferPool).
-        thread_local FloatVector rows_buffer, dw_buffer;
-        try {
-          rows_buffer.resize(size_t(mid * rows_max * w));
-          dw_buffer.resize(size_t(mid * band * ow));
-        } catch (const std::bad_alloc&) {
-          failures[size_t(item)] = Status(
-              StatusCode::kOutOfMemory, "out of memory for the band buffers");
-          return;
-        }
-        float* rows = rows_buffer.data();
-        const int64_t rows_size = int64_t(rows_buffer.size());
-        const int64_t rows_plane = rows_max * w;
-        int64_t have_lo = 0, have_hi = -1;  // expanded rows in the buffer
-        for (int64_t k = item * bands / items;
-             k < (item + 1) * bands / items; ++k) {
-          const int64_t y0 = k * band, y1 = std::min(oh, y0 + band);
-          const int64_t lo = y0 * stride - dg.pad_h;
-          const int64_t hi = (y1 - 1) * stride - dg.pad_h + kh - 1;
-          // Move the rows this band shares with the previous one to the
-          // top of each plane.
-          int64_t first_new = lo;
-          if (have_hi >= lo && have_lo <= lo) {
-            const int64_t count = have_hi - lo + 1;
-            for (int64_t c = 0; c < mid; ++c) {
-              float* plane = rows + c * rows_plane;
-              std::memmove(plane, plane + (lo - have_lo) * w,
-                           size_t(count * w) * sizeof(float));
-            }
-            first_new = have_hi + 1;
-          }
-          const int64_t valid_lo = std::max<int64_t>(first_new, 0);
-          const int64_t valid_hi = std::min(hi, h - 1);
-          for (int64_t r = first_new; r <= hi; ++r) {
-            if (r >= 0 && r < h) continue;
-            for (int64_t c = 0; c < mid; ++c)
-              std::fill_n(rows + c * rows_plane + (r - lo) * w, w, 0.0f);
-          }
-          Status st;
-          if (valid_lo <= valid_hi) {
-            const int64_t count = valid_hi - valid_lo + 1;
-            float* dst = rows + (valid_lo - lo) * w;
-            const float* src = input + valid_lo * w;
-            if (expand != nullptr) {
-              st = expand->run_view(src, input_size - valid_lo * w, in_plane,
-                                    count, w, dst,
-                                    rows_size - (valid_lo - lo) * w,
-                                    rows_plane, nullptr);
-            } else {
-              for (int64_t c = 0; c < mid; ++c)
-                std::copy_n(src + c * in_plane, count * w,
-                            dst + c * rows_plane);
-            }
-          }
-          have_lo = lo;
-          have_hi = hi;
-          if (st.ok())
-            st = rows_dw.run_view(rows, rows_size, rows_plane, hi - lo + 1, w,
-                                  dw_buffer.data(),
-                                  int64_t(dw_buffer.size()), band * ow,
-                                  nullptr);
-          if (st.ok())
-            st = project.run_view(dw_buffer.data(), int64_t(dw_buffer.size()),
-                                  band * ow, y1 - y0, ow, output + y0 * ow,
-                                  output_size - y0 * ow, out_plane, nullptr);
-          if (!st.ok()) {
-            failures[size_t(item)] = st;
-            return;
-          }
-        }
+        failures[size_t(item)] = run_chain_bands(
+            chain, input, output, item * bands / items,
+            (item + 1) * bands / items);
       });
       for (const Status& f : failures)
         if (!f.ok()) return f;
     }
     return Status::Ok();
+  }
+
+  // The convs and shapes of a conv chain that runs in bands.
+  struct ChainBands {
+    const Conv2d* expand;  // null when the chain starts at the depthwise
+    const Conv2d& rows_dw;
+    const Conv2d& project;
+    const ConvGeometry& dw;
+    int64_t in_channels, mid, out_channels, h, w, oh, ow;
+    int64_t band;  // output rows per band
+  };
+
+  // Runs the bands [first, last) of a conv chain on one image, in order,
+  // on the calling thread (see run_chain).
+  Status run_chain_bands(const ChainBands& c, const float* input,
+                         float* output, int64_t first, int64_t last) const {
+    const int64_t stride = c.dw.stride_h, kh = c.dw.kernel_h;
+    const int64_t rows_max = (c.band - 1) * stride + kh;
+    const int64_t in_plane = c.h * c.w, out_plane = c.oh * c.ow;
+    const int64_t input_size = c.in_channels * in_plane;
+    const int64_t output_size = c.out_channels * out_plane;
+    // Each thread keeps its buffers between runs (see BufferPool).
+    thread_local FloatVector rows_buffer, dw_buffer;
+    try {
+      rows_buffer.resize(size_t(c.mid * rows_max * c.w));
+      dw_buffer.resize(size_t(c.mid * c.band * c.ow));
+    } catch (const std::bad_alloc&) {
+      return Status(StatusCode::kOutOfMemory,
+                    "out of memory for the band buffers of a conv chain");
+    }
+    float* rows = rows_buffer.data();
+    const int64_t rows_size = int64_t(rows_buffer.size());
+    const int64_t rows_plane = rows_max * c.w;
+    const int64_t w = c.w;
+    int64_t have_lo = 0, have_hi = -1;  // input rows of the depthwise conv
+                                        // kept in the buffer
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t y0 = k * c.band, y1 = std::min(c.oh, y0 + c.band);
+      const int64_t lo = y0 * stride - c.dw.pad_h;
+      const int64_t hi = (y1 - 1) * stride - c.dw.pad_h + kh - 1;
+      Status st;
+      if (c.expand == nullptr && lo >= 0 && hi < c.h) {
+        // The depthwise conv reads the rows in place.
+        st = c.rows_dw.run_view(input + lo * w, input_size - lo * w,
+                                in_plane, hi - lo + 1, w, dw_buffer.data(),
+                                int64_t(dw_buffer.size()), c.band * c.ow,
+                                nullptr);
+        have_hi = -1;
+      } else {
+        st = fill_chain_rows(c, input, lo, hi, rows, rows_plane, &have_lo,
+                             &have_hi);
+        if (st.ok())
+          st = c.rows_dw.run_view(rows, rows_size, rows_plane, hi - lo + 1, w,
+                                  dw_buffer.data(), int64_t(dw_buffer.size()),
+                                  c.band * c.ow, nullptr);
+      }
+      if (st.ok())
+        st = c.project.run_view(dw_buffer.data(), int64_t(dw_buffer.size()),
+                                c.band * c.ow, y1 - y0, c.ow,
+                                output + y0 * c.ow,
+                                output_size - y0 * c.ow, out_plane, nullptr);
+      if (!st.ok()) return st;
+    }
+    return Status::Ok();
+  }
+
+  // Fills the rows buffer (planes rows_plane floats apart) with the
+  // depthwise conv's input rows [lo, hi]: zero rows outside the image,
+  // rows kept from the previous band (*have_lo to *have_hi) moved to the
+  // top, and the others computed by the expand conv or copied.
+  Status fill_chain_rows(const ChainBands& c, const float* input, int64_t lo,
+                         int64_t hi, float* rows, int64_t rows_plane,
+                         int64_t* have_lo, int64_t* have_hi) const {
+    const int64_t w = c.w, in_plane = c.h * c.w;
+    int64_t first_new = lo;
+    if (*have_hi >= lo && *have_lo <= lo) {
+      const int64_t count = *have_hi - lo + 1;
+      for (int64_t ch = 0; ch < c.mid; ++ch) {
+        float* plane = rows + ch * rows_plane;
+        std::memmove(plane, plane + (lo - *have_lo) * w,
+                     size_t(count * w) * sizeof(float));
+      }
+      first_new = *have_hi + 1;
+    }
+    *have_lo = lo;
+    *have_hi = hi;
+    for (int64_t r = first_new; r <= hi; ++r) {
+      if (r >= 0 && r < c.h) continue;
+      for (int64_t ch = 0; ch < c.mid; ++ch)
+        std::fill_n(rows + ch * rows_plane + (r - lo) * w, w, 0.0f);
+    }
+    const int64_t valid_lo = std::max<int64_t>(first_new, 0);
+    const int64_t valid_hi = std::min(hi, c.h - 1);
+    if (valid_lo > valid_hi) return Status::Ok();
+    const int64_t count = valid_hi - valid_lo + 1;
+    float* dst = rows + (valid_lo - lo) * w;
+    const float* src = input + valid_lo * w;
+    if (c.expand == nullptr) {
+      for (int64_t ch = 0; ch < c.mid; ++ch)
+        std::copy_n(src + ch * in_plane, count * w, dst + ch * rows_plane);
+      return Status::Ok();
+    }
+    const int64_t rows_size = c.mid * rows_plane;
+    return c.expand->run_view(src, c.in_channels * in_plane - valid_lo * w,
+                              in_plane, count, w, dst,
+                              rows_size - (valid_lo - lo) * w, rows_plane,
+                              nullptr);
   }
 
   Status run_linear(const NodeData& node, const Tensor& x,
