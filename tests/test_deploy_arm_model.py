@@ -100,6 +100,33 @@ def test_runtime_matches_python_reader(packed):
             assert_same_detections(a.pred_instances, b.pred_instances)
 
 
+def test_detect_rejects_bad_image_info(packed):
+    """detect rejects an img_shape outside the input tensor, scale factors
+    that are not positive and finite, and an empty input, naming the
+    value."""
+    _, _, path = packed
+    runtime = RuntimeDetector(path)
+    image = np.random.default_rng(0).random((3, 128, 128), np.float32)
+    cases = [
+        (np.ascontiguousarray(image), (0, 0), (1.0, 1.0),
+         'img_shape (0, 0), expected 1 to (128, 128)'),
+        (image, (129, 100), (1.0, 1.0),
+         'img_shape (129, 100), expected 1 to (128, 128)'),
+        (image, (128, 128), (float('nan'), 1.0),
+         'scale factors are (nan, 1.000000), expected positive finite'),
+        (image, (128, 128), (0.0, 0.0),
+         'scale factors are (0.000000, 0.000000)'),
+        (np.zeros((3, 0, 0), np.float32), (1, 1), (1.0, 1.0),
+         'the input is 0 x 0, expected 1 to 65536 pixels a side'),
+    ]
+    for array, img_shape, scale, message in cases:
+        with pytest.raises(RuntimeFailure) as error:
+            runtime.detect(array, img_shape, scale)
+        assert message in str(error.value), (img_shape, scale)
+    bboxes, _, _ = runtime.detect(image, (128, 128), (1.0, 1.0))
+    assert bboxes.shape[1] == 4
+
+
 def test_thread_counts_agree(packed):
     config, _, path = packed
     reference, _ = load_packed_detector(str(path))

@@ -411,8 +411,13 @@ Status postprocess_dense_head(const DenseHeadSettings& settings,
     }
   }
   if (rescale) {
-    if (!(image.scale_w > 0) || !(image.scale_h > 0))
-      return invalid("the image scale factors must be positive to rescale");
+    if (!(image.scale_w > 0) || !(image.scale_h > 0) ||
+        !std::isfinite(image.scale_w) || !std::isfinite(image.scale_h))
+      return invalid("the image scale factors are (" +
+                     std::to_string(image.scale_w) + ", " +
+                     std::to_string(image.scale_h) +
+                     "), expected positive finite values (resized size / "
+                     "original size) to rescale");
     const float fx = float(1.0 / image.scale_w), fy = float(1.0 / image.scale_h);
     for (Box& b : boxes) {
       b.x1 *= fx;

@@ -162,7 +162,8 @@ class Reader {
           "with tools/pack.py");
     if (size < kHeaderSize)
       return fail_file("is truncated: " + std::to_string(size) +
-                       " bytes, shorter than the 64-byte header");
+                       " bytes, shorter than the 64-byte header; copy or "
+                       "pack it again");
     const int major = rd16(data + 8), minor = rd16(data + 10);
     const std::string version = std::to_string(major) + "." +
                                 std::to_string(minor);

@@ -953,6 +953,18 @@ Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
     return invalid("detect takes an (N, 3, H, W) tensor and N image "
                    "descriptions, got " + input.shape_string() + " and " +
                    std::to_string(images.size()));
+  for (size_t i = 0; i < images.size(); ++i) {
+    const ImageInfo& image = images[i];
+    if (image.img_height < 1 || image.img_height > input.shape[2] ||
+        image.img_width < 1 || image.img_width > input.shape[3])
+      return invalid(
+          "image " + std::to_string(i) + " has img_shape (" +
+          std::to_string(image.img_height) + ", " +
+          std::to_string(image.img_width) + "), expected 1 to (" +
+          std::to_string(input.shape[2]) + ", " +
+          std::to_string(input.shape[3]) +
+          "), the input's size: give the resized size before padding");
+  }
   std::vector<std::pair<std::string, Tensor>> outputs;
   Status s = impl_->run_graph("main", {input}, &outputs);
   if (!s.ok()) return s;

@@ -83,11 +83,14 @@ dgms_model_status dgms_model_detect(const dgms_model* model,
                                     int64_t img_width, double scale_w,
                                     double scale_h, int rescale, float* out,
                                     int64_t capacity, int64_t* count) {
-  if (model == nullptr || input == nullptr || count == nullptr ||
-      height < 1 || width < 1 || height > (1 << 16) || width > (1 << 16))
+  if (model == nullptr || input == nullptr || count == nullptr)
     return report(dgms_rt::Status(dgms_rt::StatusCode::kInvalidArgument,
-                                  "model, input, count or the size is "
-                                  "invalid"));
+                                  "model, input and count must not be null"));
+  if (height < 1 || width < 1 || height > (1 << 16) || width > (1 << 16))
+    return report(dgms_rt::Status(
+        dgms_rt::StatusCode::kInvalidArgument,
+        "the input is " + std::to_string(height) + " x " +
+            std::to_string(width) + ", expected 1 to 65536 pixels a side"));
   if (3 * height * width > dgms_rt::ConvLimits::kMaxElements)
     return report(dgms_rt::Status(
         dgms_rt::StatusCode::kInvalidArgument,
