@@ -184,79 +184,54 @@ struct TileInputs {
   }
 };
 
-// Computes kTile segments of one tile for kOutBlock output channels per
-// block, blocks [block_begin, block_end): each input vector is loaded once
-// and multiplied into kOutBlock accumulators.
-template <class Ops, int kTile, int kOutBlock>
-void dense_tile(const DenseKernelArgs& args, int64_t tile,
-                int64_t block_begin, int64_t block_end) {
-  using Vec = typename Ops::Vec;
-  const Segment* segments = args.segments + tile * kTile;
-  thread_local std::vector<float> panel;
-  const bool pack = args.pack_inputs && block_end - block_begin > 1;
-  TileInputs<Ops, kTile> inputs;
-  int64_t prepared_group = -1;
+// Adds one tap to a sum as the lookup kernel (kLookup: fused, so every
+// instruction set rounds once) or the dense kernel (fmadd) does.
+template <class Ops, bool kLookup>
+inline typename Ops::Vec accumulate_tap(typename Ops::Vec weight,
+                                        typename Ops::Vec x,
+                                        typename Ops::Vec sum) {
+  return kLookup ? Ops::fused(weight, x, sum) : Ops::fmadd(weight, x, sum);
+}
 
-  for (int64_t block = block_begin; block < block_end; ++block) {
-    const int64_t group = block / args.blocks_per_group;
-    const int64_t first_local = (block % args.blocks_per_group) * kOutBlock;
-    if (group != prepared_group) {
-      inputs.prepare(args.input, args.group_input_stride, args.offsets,
-                     args.taps, segments, group, pack, &panel);
-      prepared_group = group;
-    }
+// Applies scale and bias to a sum as the lookup kernel (sum * scale +
+// bias, rounded twice) or the dense kernel (fma(sum, scale, bias) with a
+// scale, sum + bias without) does.
+template <class Ops, bool kLookup>
+inline typename Ops::Vec scale_and_bias(typename Ops::Vec sum,
+                                        typename Ops::Vec scale,
+                                        typename Ops::Vec bias,
+                                        bool has_scale) {
+  if (kLookup) return Ops::add(Ops::mul(sum, scale), bias);
+  if (has_scale) return Ops::fused(sum, scale, bias);
+  return Ops::add(sum, bias);
+}
 
-    Vec acc[kOutBlock][kTile];
-    for (int j = 0; j < kOutBlock; ++j) {
-      for (int s = 0; s < kTile; ++s) acc[j][s] = Ops::zero();
-    }
-
-    const float* weights = args.weights + block * args.taps * kOutBlock;
-    for (int64_t t = 0; t < args.taps; ++t) {
-      Vec x[kTile];
-      inputs.load(t, x);
-      for (int j = 0; j < kOutBlock; ++j) {
-        const Vec w = Ops::set1(weights[t * kOutBlock + j]);
-        for (int s = 0; s < kTile; ++s) {
-          acc[j][s] = Ops::fmadd(w, x[s], acc[j][s]);
-        }
-      }
-    }
-
-    for (int j = 0; j < kOutBlock; ++j) {
-      if (first_local + j >= args.out_per_group) break;
-      const int64_t o = group * args.out_per_group + first_local + j;
-      const Vec bias = Ops::set1(args.bias[o]);
-      float* out_plane = args.output + o * args.out_plane;
-      if (args.scale != nullptr) {
-        const Vec scale = Ops::set1(args.scale[o]);
-        for (int s = 0; s < kTile; ++s) {
-          const Vec y = Ops::fused(acc[j][s], scale, bias);
-          Ops::store(out_plane + segments[s].output_offset,
-                     activate<Ops>(y, args.activation), segments[s].lanes);
-        }
-        continue;
-      }
-      for (int s = 0; s < kTile; ++s) {
-        const Vec y = Ops::add(acc[j][s], bias);
-        Ops::store(out_plane + segments[s].output_offset,
-                   activate<Ops>(y, args.activation), segments[s].lanes);
-      }
-    }
-  }
+// Turns a sum into an output: scale_and_bias, then the activation.
+template <class Ops, bool kLookup, Activation kAct>
+inline typename Ops::Vec finish_output(typename Ops::Vec sum,
+                                       typename Ops::Vec scale,
+                                       typename Ops::Vec bias,
+                                       bool has_scale) {
+  return activate<Ops>(scale_and_bias<Ops, kLookup>(sum, scale, bias,
+                                                    has_scale),
+                       kAct);
 }
 
 // Computes kTile segments of one tile for kOutBlock output channels per
-// block, decoding each weight as codebook[index] inside the loop: the
-// dense kernel's blocking with 1-byte weights.
-// The activation is a run-time argument here: as a template argument its
-// constants (0 and 6) stayed in registers across the tap loop, and with
-// them the 12 accumulators no longer fit in the 16 AVX2 registers, so one
+// block, blocks [block_begin, block_end), with dense weights (Args =
+// DenseKernelArgs) or 1-byte codebook indices decoded as codebook[index]
+// inside the loop (LookupKernelArgs). Each input vector is loaded once and
+// multiplied into kOutBlock accumulators.
+//
+// The activation is a run-time argument. As a template argument, its
+// constants (0 and 6) stayed in registers across the tap loop. The 12
+// accumulators then no longer fit in the 16 AVX2 registers, so one
 // spilled to the stack and the kernel ran at half speed.
-template <class Ops, int kTile, int kOutBlock>
-void lookup_tile(const LookupKernelArgs& args, int64_t tile,
-                 int64_t block_begin, int64_t block_end) {
+template <class Ops, int kTile, int kOutBlock, class Args>
+void tile_body(const Args& args, int64_t tile, int64_t block_begin,
+               int64_t block_end) {
   using Vec = typename Ops::Vec;
+  constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
   const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
   const bool pack = args.pack_inputs && block_end - block_begin > 1;
@@ -273,7 +248,7 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   const int64_t taps = args.taps;
   const int64_t blocks = block_end - block_begin;
   const int64_t chunk =
-      !pack && blocks > 1 && taps > kLookupTapChunk ? kLookupTapChunk : taps;
+      !pack && blocks > 1 && taps > kTileTapChunk ? kTileTapChunk : taps;
   thread_local std::vector<float> partial;
   if (chunk < taps &&
       static_cast<int64_t>(partial.size()) < blocks * kOutBlock * kWidth) {
@@ -303,14 +278,20 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
         }
       }
 
-      const uint8_t* indices = args.indices + block * args.taps * kOutBlock;
+      const int64_t weight_base = block * taps * kOutBlock;
       for (int64_t t = t0; t < t1; ++t) {
         Vec x[kTile];
         inputs.load(t, x);
         for (int j = 0; j < kOutBlock; ++j) {
-          const Vec w = Ops::set1(args.codebook[indices[t * kOutBlock + j]]);
+          const int64_t k = weight_base + t * kOutBlock + j;
+          Vec w;
+          if constexpr (kLookup) {
+            w = Ops::set1(args.codebook[args.indices[k]]);
+          } else {
+            w = Ops::set1(args.weights[k]);
+          }
           for (int s = 0; s < kTile; ++s) {
-            acc[j][s] = Ops::fused(w, x[s], acc[j][s]);
+            acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
           }
         }
       }
@@ -328,11 +309,13 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
       for (int j = 0; j < kOutBlock; ++j) {
         if (first_local + j >= args.out_per_group) break;
         const int64_t o = group * args.out_per_group + first_local + j;
-        const Vec scale = Ops::set1(args.scale[o]);
+        const Vec scale =
+            Ops::set1(args.scale != nullptr ? args.scale[o] : 1.0f);
         const Vec bias = Ops::set1(args.bias[o]);
         float* out_plane = args.output + o * args.out_plane;
         for (int s = 0; s < kTile; ++s) {
-          const Vec y = Ops::add(Ops::mul(acc[j][s], scale), bias);
+          const Vec y = scale_and_bias<Ops, kLookup>(acc[j][s], scale, bias,
+                                                     args.scale != nullptr);
           Ops::store(out_plane + segments[s].output_offset,
                      activate<Ops>(y, args.activation), segments[s].lanes);
         }
@@ -341,32 +324,16 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
   }
 }
 
-// Adds one tap to a sum as the lookup kernel (kLookup: fused, so every
-// instruction set rounds once) or the dense kernel (fmadd) does.
-template <class Ops, bool kLookup>
-inline typename Ops::Vec accumulate_tap(typename Ops::Vec weight,
-                                        typename Ops::Vec x,
-                                        typename Ops::Vec sum) {
-  return kLookup ? Ops::fused(weight, x, sum) : Ops::fmadd(weight, x, sum);
+template <class Ops, int kTile, int kOutBlock>
+void dense_tile(const DenseKernelArgs& args, int64_t tile,
+                int64_t block_begin, int64_t block_end) {
+  tile_body<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
 }
 
-// Turns a sum into an output as the lookup kernel (sum * scale + bias,
-// rounded twice) or the dense kernel (fma(sum, scale, bias) with a scale,
-// sum + bias without) does, then applies the activation.
-template <class Ops, bool kLookup, Activation kAct>
-inline typename Ops::Vec finish_output(typename Ops::Vec sum,
-                                       typename Ops::Vec scale,
-                                       typename Ops::Vec bias,
-                                       bool has_scale) {
-  typename Ops::Vec y;
-  if (kLookup) {
-    y = Ops::add(Ops::mul(sum, scale), bias);
-  } else if (has_scale) {
-    y = Ops::fused(sum, scale, bias);
-  } else {
-    y = Ops::add(sum, bias);
-  }
-  return activate<Ops>(y, kAct);
+template <class Ops, int kTile, int kOutBlock>
+void lookup_tile(const LookupKernelArgs& args, int64_t tile,
+                 int64_t block_begin, int64_t block_end) {
+  tile_body<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
 }
 
 // A chunk of tiles, [tile_begin, tile_end), for the output-channel blocks

@@ -98,8 +98,8 @@ struct PlaneLayout {
 // channel at a time, from its prepared input plane (see ConvPlan).
 // Layers with more taps than kDepthwiseMaxTaps use the tile kernels.
 constexpr int64_t kDepthwiseMaxTaps = 64;
-// Taps per chunk of the lookup tile kernel (see lookup_tile).
-constexpr int64_t kLookupTapChunk = 2048;
+// Taps per chunk of the dense and lookup tile kernels (see tile_body).
+constexpr int64_t kTileTapChunk = 2048;
 struct DepthwiseArgs {
   const float* input;       // the channel's input plane, unprepared
   const PlaneLayout* layout;

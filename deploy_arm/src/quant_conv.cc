@@ -356,7 +356,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
     const auto kernel =
         w.out_block == 1 ? kernels.lookup_single : kernels.lookup;
     // The kernel reads the weights of one tap chunk at a time.
-    const int64_t chunk_taps = std::min(args.taps, detail::kLookupTapChunk);
+    const int64_t chunk_taps = std::min(args.taps, detail::kTileTapChunk);
     run_blocked(pool, g.groups * w.blocks_per_group, chunk_taps * w.out_block,
                 plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
                   kernel(args, tile, begin, end);
