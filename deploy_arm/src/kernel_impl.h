@@ -193,6 +193,27 @@ inline typename Ops::Vec accumulate_tap(typename Ops::Vec weight,
   return kLookup ? Ops::fused(weight, x, sum) : Ops::fmadd(weight, x, sum);
 }
 
+// Adds one tap of kTile input vectors x to the sums of kOutBlock output
+// channels, whose weights are weights[first + j] (dense) or
+// codebook[indices[first + j]] (lookup).
+template <class Ops, int kTile, int kOutBlock, class Args>
+inline void add_tap_to_block(const Args& args, int64_t first,
+                             const typename Ops::Vec (&x)[kTile],
+                             typename Ops::Vec (&acc)[kOutBlock][kTile]) {
+  constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
+  for (int j = 0; j < kOutBlock; ++j) {
+    typename Ops::Vec w;
+    if constexpr (kLookup) {
+      w = Ops::set1(args.codebook[args.indices[first + j]]);
+    } else {
+      w = Ops::set1(args.weights[first + j]);
+    }
+    for (int s = 0; s < kTile; ++s) {
+      acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
+    }
+  }
+}
+
 // Applies scale and bias to a sum as the lookup kernel (sum * scale +
 // bias, rounded twice) or the dense kernel (fma(sum, scale, bias) with a
 // scale, sum + bias without) does.
@@ -282,18 +303,8 @@ void tile_body(const Args& args, int64_t tile, int64_t block_begin,
       for (int64_t t = t0; t < t1; ++t) {
         Vec x[kTile];
         inputs.load(t, x);
-        for (int j = 0; j < kOutBlock; ++j) {
-          const int64_t k = weight_base + t * kOutBlock + j;
-          Vec w;
-          if constexpr (kLookup) {
-            w = Ops::set1(args.codebook[args.indices[k]]);
-          } else {
-            w = Ops::set1(args.weights[k]);
-          }
-          for (int s = 0; s < kTile; ++s) {
-            acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
-          }
-        }
+        add_tap_to_block<Ops, kTile, kOutBlock>(
+            args, weight_base + t * kOutBlock, x, acc);
       }
 
       if (t1 < taps) {
@@ -413,18 +424,8 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
         for (int s = 0; s < kTile; ++s) {
           x[s] = Ops::load(x_tile + t * kWidth + s * Ops::kLanes);
         }
-        for (int j = 0; j < kOutBlock; ++j) {
-          const int64_t k = weight_base + t * kOutBlock + j;
-          Vec w;
-          if constexpr (kLookup) {
-            w = Ops::set1(args.codebook[args.indices[k]]);
-          } else {
-            w = Ops::set1(args.weights[k]);
-          }
-          for (int s = 0; s < kTile; ++s) {
-            acc[j][s] = accumulate_tap<Ops, kLookup>(w, x[s], acc[j][s]);
-          }
-        }
+        add_tap_to_block<Ops, kTile, kOutBlock>(
+            args, weight_base + t * kOutBlock, x, acc);
       };
       // Groups of a fixed number of taps: with one loop over a run-time
       // count, GCC left a vector register unused and read one input vector
