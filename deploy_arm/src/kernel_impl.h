@@ -355,8 +355,8 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
 // hardware prefetchers follow. Partial segments are loaded partially,
 // because a flat plan's input has no slack after its last pixel. Then
 // each block runs over all the tiles, writing kOutBlock contiguous output
-// runs. Every output vector gets the same operations as in dense_tile or
-// lookup_tile, so the results are the same bits.
+// runs. Every output vector gets the same operations as in tile_body,
+// so the results are the same bits.
 template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct,
           int kTaps>
 void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
@@ -492,8 +492,7 @@ void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
 // One depthwise channel: the output vectors (segments) kBlock at a time,
 // each with its own sum, so that the sums do not wait on each other. Each
 // output vector sums its taps in tap order with the same operations as
-// lookup_tile and dense_tile with one-channel blocks, so the results are
-// the same bits.
+// tile_body with one-channel blocks, so the results are the same bits.
 template <class Ops, bool kLookup, Activation kAct>
 void depthwise_body(const DepthwiseArgs& a) {
   using Vec = typename Ops::Vec;

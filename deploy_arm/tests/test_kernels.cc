@@ -488,9 +488,9 @@ void expect_invalid(const Status& status, const std::string& context) {
 
 // run_view() on planes inside larger buffers (a band of rows of a taller
 // tensor, with gaps after each plane) gives the same bits as run() on the
-// dense planes, writes nothing between the output planes, and rejects
-// views that do not fit their buffers. Covers the flat 1x1, depthwise,
-// prepared-input and Winograd plans.
+// dense planes. It writes nothing between the output planes and rejects
+// views that do not fit their buffers. The cases cover the flat 1x1,
+// depthwise, prepared-input and Winograd plans.
 void test_views(std::mt19937* rng) {
   struct Case {
     const char* name;

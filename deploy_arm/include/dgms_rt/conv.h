@@ -189,11 +189,11 @@ class Conv2d {
   // height x width plane at input + c * input_plane, output channel o the
   // out_h x out_w plane at output + o * output_plane. A band of rows of an
   // NCHW tensor is such a view (the plane distance is the full tensor's
-  // plane). Each distance must be at least its plane's size, the buffers
-  // of input_size and output_size elements must hold every plane, and
-  // each view must span at most ConvLimits::kMaxElements elements;
-  // otherwise, or with a null buffer, it returns kInvalidArgument. run()
-  // is run_view() with dense planes.
+  // plane). Each distance must be at least its plane's size, and the
+  // buffers of input_size and output_size elements must contain every
+  // plane. Each view may span at most ConvLimits::kMaxElements elements.
+  // A view that breaks these rules, or a null buffer, returns
+  // kInvalidArgument. run() is run_view() with dense planes.
   Status run_view(const float* input, int64_t input_size,
                   int64_t input_plane, int64_t height, int64_t width,
                   float* output, int64_t output_size, int64_t output_plane,

@@ -46,11 +46,13 @@ struct ModelOptions {
   // Working-set size of a band of a conv chain, in bytes. A chain is a
   // depthwise conv with a 1x1 conv after it and optionally one before it
   // (MobileNetV2's inverted residual block). Where its expanded tensor
-  // holds at least 4 such bands and there are at least 2 bands per
+  // is at least 4 such bands in size and there are at least 2 bands per
   // thread, it runs band by band of output rows, so that the expanded
   // rows stay in cache (docs/deploy_arm.md). The results are the same
-  // bits either way. The default suits a 1 MiB L2 cache per core; 0 runs
-  // every conv on its whole input, and a negative value fails the load.
+  // bits either way. 0 runs every conv on its whole input, and a negative
+  // value fails the load.
+  // NOTE: the default was tuned on an x86 CPU with 1 MiB of L2 cache per
+  // core; ARM cores with less L2 may run faster with smaller bands.
   int64_t chain_band_bytes = int64_t(1) << 20;
 };
 

@@ -82,18 +82,40 @@ class BufferPool {
   std::vector<FloatVector> free_;
 };
 
+// Counts the readers of each value: the node inputs and graph outputs
+// that use it.
+std::vector<int> count_readers(const GraphData& graph) {
+  std::vector<int> readers(size_t(graph.num_values), 0);
+  for (const NodeData& node : graph.nodes)
+    for (int v : node.inputs) ++readers[size_t(v)];
+  for (const auto& output : graph.outputs) ++readers[size_t(output.second)];
+  return readers;
+}
+
+// Returns the index of the node that defines each value, -1 for inputs.
+std::vector<int> find_producers(const GraphData& graph) {
+  std::vector<int> producer(size_t(graph.num_values), -1);
+  for (size_t i = 0; i < graph.nodes.size(); ++i)
+    producer[size_t(graph.nodes[i].output)] = int(i);
+  return producer;
+}
+
+// Removes the nodes marked in `dropped` and recomputes the last uses.
+void drop_nodes(const std::vector<bool>& dropped, GraphData* graph) {
+  std::vector<NodeData> kept;
+  for (size_t i = 0; i < graph->nodes.size(); ++i)
+    if (!dropped[i]) kept.push_back(std::move(graph->nodes[i]));
+  graph->nodes = std::move(kept);
+  compute_last_use(graph);
+}
+
 // Merges each relu or relu6 node into the add before it when the add has
 // no activation and the relu is the only reader of the sum. The merged add
 // applies the activation to the same rounded sum, so the result is the
 // same, in one pass over the tensor instead of two.
 void fuse_add_activation(GraphData* graph) {
-  std::vector<int> readers(size_t(graph->num_values), 0);
-  for (const NodeData& node : graph->nodes)
-    for (int v : node.inputs) ++readers[size_t(v)];
-  for (const auto& output : graph->outputs) ++readers[size_t(output.second)];
-  std::vector<int> producer(size_t(graph->num_values), -1);
-  for (size_t i = 0; i < graph->nodes.size(); ++i)
-    producer[size_t(graph->nodes[i].output)] = int(i);
+  const std::vector<int> readers = count_readers(*graph);
+  const std::vector<int> producer = find_producers(*graph);
 
   std::vector<bool> dropped(graph->nodes.size(), false);
   bool changed = false;
@@ -113,13 +135,7 @@ void fuse_add_activation(GraphData* graph) {
     dropped[size_t(&node - graph->nodes.data())] = true;
     changed = true;
   }
-  if (!changed) return;
-
-  std::vector<NodeData> kept;
-  for (size_t i = 0; i < graph->nodes.size(); ++i)
-    if (!dropped[i]) kept.push_back(std::move(graph->nodes[i]));
-  graph->nodes = std::move(kept);
-  compute_last_use(graph);
+  if (changed) drop_nodes(dropped, graph);
 }
 
 bool is_flat_1x1(const ConvGeometry& g) {
@@ -219,17 +235,13 @@ class ModelImpl {
   // (see run_chain). The depthwise layer gets a twin without row padding
   // for bands of rows that carry their own padding rows.
   Status fuse_conv_chains(const ModelOptions& options, GraphData* graph) {
-    std::vector<int> readers(size_t(graph->num_values), 0);
-    for (const NodeData& node : graph->nodes)
-      for (int v : node.inputs) ++readers[size_t(v)];
-    for (const auto& output : graph->outputs)
-      readers[size_t(output.second)] += 2;  // never an inner value
-    std::vector<int> producer(size_t(graph->num_values), -1);
-    std::vector<int> reader(size_t(graph->num_values), -1);
-    for (size_t i = 0; i < graph->nodes.size(); ++i) {
-      producer[size_t(graph->nodes[i].output)] = int(i);
+    // A value with one reader that is a graph output has no node reader,
+    // so the checks below never take a graph output as an inner value.
+    const std::vector<int> readers = count_readers(*graph);
+    const std::vector<int> producer = find_producers(*graph);
+    std::vector<int> reader(size_t(graph->num_values), -1);  // the last one
+    for (size_t i = 0; i < graph->nodes.size(); ++i)
       for (int v : graph->nodes[i].inputs) reader[size_t(v)] = int(i);
-    }
     const auto conv_layer = [&](int i) -> const LayerData* {
       if (i < 0) return nullptr;
       const NodeData& node = graph->nodes[size_t(i)];
@@ -292,12 +304,7 @@ class ModelImpl {
       if (e >= 0) dropped[size_t(e)] = true;
       changed = true;
     }
-    if (!changed) return Status::Ok();
-    std::vector<NodeData> kept;
-    for (size_t i = 0; i < graph->nodes.size(); ++i)
-      if (!dropped[i]) kept.push_back(std::move(graph->nodes[i]));
-    graph->nodes = std::move(kept);
-    compute_last_use(graph);
+    if (changed) drop_nodes(dropped, graph);
     return Status::Ok();
   }
 
@@ -384,8 +391,8 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  // Runs a conv_chain node. Where its expanded tensor holds at least 4
-  // bands, it runs band by band of output rows. A band computes the
+  // Runs a conv_chain node. Where its expanded tensor is at least 4 bands
+  // in size, it runs band by band of output rows. A band computes the
   // expanded rows it needs into a per-thread buffer, with zero rows for
   // the padding at the top and bottom. Then the depthwise twin without
   // row padding runs on them, and the project conv writes the band's
@@ -530,9 +537,10 @@ class ModelImpl {
   }
 
   // Fills the rows buffer (planes rows_plane floats apart) with the
-  // depthwise conv's input rows [lo, hi]: zero rows outside the image,
-  // rows kept from the previous band (*have_lo to *have_hi) moved to the
-  // top, and the others computed by the expand conv or copied.
+  // depthwise conv's input rows [lo, hi]. Rows outside the image are
+  // zeros, and rows kept from the previous band (*have_lo to *have_hi)
+  // move to the top. The expand conv computes the others, or they are
+  // copied from the input.
   Status fill_chain_rows(const ChainBands& c, const float* input, int64_t lo,
                          int64_t hi, float* rows, int64_t rows_plane,
                          int64_t* have_lo, int64_t* have_hi) const {
