@@ -152,24 +152,37 @@ bool flat_geometry(const ConvGeometry& g) {
          g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
 }
 
+void split_into_tiles(int tile_segments, int tail_segments, ConvPlan* plan) {
+  const int64_t n = static_cast<int64_t>(plan->segments.size());
+  // Smaller tiles at the end where they make the split exact.
+  for (int64_t tails = 0; tail_segments > 0 && tails < tile_segments &&
+                          tails * tail_segments <= n;
+       ++tails) {
+    if ((n - tails * tail_segments) % tile_segments == 0) {
+      plan->full_tiles = (n - tails * tail_segments) / tile_segments;
+      plan->num_tiles = plan->full_tiles + tails;
+      return;
+    }
+  }
+  plan->num_tiles = (n + tile_segments - 1) / tile_segments;
+  plan->full_tiles = plan->num_tiles;
+  plan->segments.resize(plan->num_tiles * tile_segments,
+                        detail::Segment{0, 0, 0});
+}
+
 void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
-                    ConvPlan* plan) {
+                    int tail_segments, ConvPlan* plan) {
   const int64_t pixels = plan->height * plan->width;
-  const int64_t segments = (pixels + lanes - 1) / lanes;
   plan->raw_input = true;
   plan->flat = true;
-  plan->num_tiles = (segments + tile_segments - 1) / tile_segments;
   plan->segments.clear();
-  plan->segments.reserve(plan->num_tiles * tile_segments);
+  plan->segments.reserve((pixels + lanes - 1) / lanes + tile_segments);
   for (int64_t p = 0; p < pixels; p += lanes) {
     plan->segments.push_back(detail::Segment{
         static_cast<int32_t>(p), static_cast<int32_t>(p),
         static_cast<int32_t>(std::min<int64_t>(lanes, pixels - p))});
   }
-  while (static_cast<int64_t>(plan->segments.size()) <
-         plan->num_tiles * tile_segments) {
-    plan->segments.push_back(detail::Segment{0, 0, 0});
-  }
+  split_into_tiles(tile_segments, tail_segments, plan);
   const int64_t channels = g.in_channels / g.groups;
   plan->offsets.resize(channels);
   for (int64_t c = 0; c < channels; ++c) {
@@ -386,9 +399,7 @@ Status Conv2d::get_plan(int64_t height, int64_t width, int64_t in_plane,
   plan->plane = (plane + 31) / 32 * 32 + 16;
 
   const int64_t per_row = rounded_w / lanes_;
-  const int64_t segments = plan->out_h * per_row;
-  plan->num_tiles = (segments + tile_segments_ - 1) / tile_segments_;
-  plan->segments.reserve(plan->num_tiles * tile_segments_);
+  plan->segments.reserve(plan->out_h * per_row + tile_segments_);
   for (int64_t oh = 0; oh < plan->out_h; ++oh) {
     for (int64_t ow = 0; ow < plan->out_w; ow += lanes_) {
       plan->segments.push_back(detail::Segment{
@@ -397,10 +408,7 @@ Status Conv2d::get_plan(int64_t height, int64_t width, int64_t in_plane,
           static_cast<int32_t>(std::min<int64_t>(lanes_, plan->out_w - ow))});
     }
   }
-  while (static_cast<int64_t>(plan->segments.size()) <
-         plan->num_tiles * tile_segments_) {
-    plan->segments.push_back(detail::Segment{0, 0, 0});
-  }
+  split_into_tiles(tile_segments_, tail_segments_, plan.get());
 
   status = fill_plan(plan.get());
   if (!status.ok()) return status;

@@ -27,8 +27,12 @@ struct ConvPlan {
   int64_t phase_w = 0;
   int64_t row_stride = 0;  // stride_w * phase_w
   int64_t plane = 0;       // padded_h * row_stride
+  // Tiles [0, full_tiles) have the layer's tile size in segments; the
+  // num_tiles - full_tiles tiles after them (see split_into_tiles) have
+  // its tail size.
   int64_t num_tiles = 0;
-  std::vector<detail::Segment> segments;  // num_tiles * tile_segments
+  int64_t full_tiles = 0;
+  std::vector<detail::Segment> segments;
   std::vector<int32_t> offsets;           // kernel-specific tap offsets
 
   // The layer prepares its input itself (see Conv2d::compute_raw): one
@@ -86,10 +90,17 @@ struct ConvWeights {
 // pixel p of every channel.
 bool flat_geometry(const ConvGeometry& g);
 
+// Splits the segments of plan into tiles of tile_segments, or into such
+// tiles followed by up to tile_segments - 1 tiles of tail_segments (when
+// it is not 0) where that leaves no segment unused. Otherwise the last
+// tile is padded with fillers (lanes 0), which the kernels compute but do
+// not store. Sets num_tiles and full_tiles.
+void split_into_tiles(int tile_segments, int tail_segments, ConvPlan* plan);
+
 // Turns plan into a flat plan (see ConvPlan::flat) with `lanes` pixels
-// per segment and `tile_segments` segments per tile.
+// per segment, split into tiles by split_into_tiles.
 void make_flat_plan(const ConvGeometry& g, int lanes, int tile_segments,
-                    ConvPlan* plan);
+                    int tail_segments, ConvPlan* plan);
 
 // Copies `channels` input planes of height x width, src_plane floats
 // apart, into the prepared layout of `plan` (zero padding, phase split) at

@@ -76,9 +76,12 @@ DenseConv2d::DenseConv2d(const ConvGeometry& geometry, Activation activation,
     : Conv2d(geometry, activation, isa), algorithm_(algorithm) {
   const detail::KernelTable& kernels = detail::kernels_for(isa);
   lanes_ = kernels.lanes;
-  tile_segments_ = output_block(geometry, kernels) == 1
-                       ? kernels.dense_single_tile_segments
-                       : kernels.dense_tile_segments;
+  if (output_block(geometry, kernels) == 1) {
+    tile_segments_ = kernels.dense_single_tile_segments;
+  } else {
+    tile_segments_ = kernels.dense_tile_segments;
+    tail_segments_ = kernels.dense_tail_segments;
+  }
 }
 
 DenseConv2d::~DenseConv2d() = default;
@@ -231,7 +234,7 @@ Status DenseConv2d::fill_plan(ConvPlan* plan) const {
     return Status::Ok();
   }
   if (flat_geometry(geometry_) && weights_->out_block > 1) {
-    make_flat_plan(geometry_, lanes_, tile_segments_, plan);
+    make_flat_plan(geometry_, lanes_, tile_segments_, tail_segments_, plan);
     return Status::Ok();
   }
   local_tap_offsets(geometry_, *plan, &plan->offsets);
@@ -252,6 +255,7 @@ detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
   args.output = output;
   args.out_plane = out_plane;
   args.segments = plan.segments.data();
+  args.full_tiles = plan.full_tiles;
   args.offsets = plan.offsets.data();
   args.taps = static_cast<int64_t>(plan.offsets.size());
   args.weights = w.packed.data();

@@ -249,11 +249,10 @@ inline typename Ops::Vec finish_output(typename Ops::Vec sum,
 // accumulators then no longer fit in the 16 AVX2 registers, so one
 // spilled to the stack and the kernel ran at half speed.
 template <class Ops, int kTile, int kOutBlock, class Args>
-void tile_body(const Args& args, int64_t tile, int64_t block_begin,
+void tile_body(const Args& args, const Segment* segments, int64_t block_begin,
                int64_t block_end) {
   using Vec = typename Ops::Vec;
   constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
-  const Segment* segments = args.segments + tile * kTile;
   thread_local std::vector<float> panel;
   const bool pack = args.pack_inputs && block_end - block_begin > 1;
   TileInputs<Ops, kTile> inputs;
@@ -335,20 +334,40 @@ void tile_body(const Args& args, int64_t tile, int64_t block_begin,
   }
 }
 
+// Tile `tile` of a plan whose tiles from args.full_tiles on have
+// kTile - 1 segments (see ConvPlan::full_tiles). The one-channel kernels
+// (kOutBlock 1) get plans without such tiles.
+template <class Ops, int kTile, int kOutBlock, class Args>
+void any_tile(const Args& args, int64_t tile, int64_t block_begin,
+              int64_t block_end) {
+  if constexpr (kTile > 1 && kOutBlock > 1) {
+    if (tile >= args.full_tiles) {
+      tile_body<Ops, kTile - 1, kOutBlock>(
+          args,
+          args.segments + args.full_tiles * kTile +
+              (tile - args.full_tiles) * (kTile - 1),
+          block_begin, block_end);
+      return;
+    }
+  }
+  tile_body<Ops, kTile, kOutBlock>(args, args.segments + tile * kTile,
+                                   block_begin, block_end);
+}
+
 template <class Ops, int kTile, int kOutBlock>
 void dense_tile(const DenseKernelArgs& args, int64_t tile,
                 int64_t block_begin, int64_t block_end) {
-  tile_body<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
+  any_tile<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
 }
 
 template <class Ops, int kTile, int kOutBlock>
 void lookup_tile(const LookupKernelArgs& args, int64_t tile,
                  int64_t block_begin, int64_t block_end) {
-  tile_body<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
+  any_tile<Ops, kTile, kOutBlock>(args, tile, block_begin, block_end);
 }
 
-// A chunk of tiles, [tile_begin, tile_end), for the output-channel blocks
-// [block_begin, block_end), of a flat 1x1 plan (ConvPlan::flat) or of a
+// A chunk of `tiles` tiles of kTile segments each, from segment `first`,
+// for the output-channel blocks [block_begin, block_end), of a flat 1x1 plan (ConvPlan::flat) or of a
 // layer with few taps (see chunked_tiles). The tiles' inputs of a conv
 // group are packed into one panel, [tile][tap][kTile * kLanes], reading
 // each input channel (of a flat plan) as one contiguous run that the
@@ -359,12 +378,11 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
 // so the results are the same bits.
 template <class Ops, int kTile, int kOutBlock, class Args, Activation kAct,
           int kTaps>
-void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
+void chunk_body(const Args& args, const Segment* first, int64_t tiles,
                 int64_t block_begin, int64_t block_end) {
   using Vec = typename Ops::Vec;
   constexpr bool kLookup = std::is_same<Args, LookupKernelArgs>::value;
   constexpr int64_t kWidth = kTile * Ops::kLanes;
-  const int64_t tiles = tile_end - tile_begin;
   const int64_t taps = kTaps > 0 ? kTaps : args.taps;
   constexpr int kTapGroup = 8;  // see the tap loop below
   thread_local std::vector<float> panel_storage;
@@ -372,7 +390,6 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
     panel_storage.resize(tiles * taps * kWidth);
   }
   float* const panel = panel_storage.data();
-  const Segment* const first = args.segments + tile_begin * kTile;
   int64_t packed_group = -1;
 
   for (int64_t block = block_begin; block < block_end; ++block) {
@@ -399,9 +416,10 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
     }
 
     const int64_t weight_base = block * taps * kOutBlock;
-    Vec scale[kOutBlock];
-    Vec bias[kOutBlock];
-    float* out_plane[kOutBlock];
+    // Initialised only to quiet GCC's may-be-uninitialised warning.
+    Vec scale[kOutBlock] = {};
+    Vec bias[kOutBlock] = {};
+    float* out_plane[kOutBlock] = {};
     int outputs = 0;
     for (int j = 0; j < kOutBlock && first_local + j < args.out_per_group;
          ++j) {
@@ -469,24 +487,46 @@ void chunk_body(const Args& args, int64_t tile_begin, int64_t tile_end,
   }
 }
 
+// chunk_body for `tiles` tiles of kTile segments from segment `first`.
 template <class Ops, int kTile, int kOutBlock, class Args>
-void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
-                 int64_t block_begin, int64_t block_end) {
+void chunk_of_size(const Args& args, const Segment* first, int64_t tiles,
+                   int64_t block_begin, int64_t block_end) {
   with_activation(args.activation, [&](auto act) {
     constexpr Activation kAct = decltype(act)::value;
     // The tap counts of MobileNetV2's widest expansions (16 and 24 input
     // channels) get fully unrolled copies: about 10 % faster than groups.
     if (args.taps == 16) {
       chunk_body<Ops, kTile, kOutBlock, Args, kAct, 16>(
-          args, tile_begin, tile_end, block_begin, block_end);
+          args, first, tiles, block_begin, block_end);
     } else if (args.taps == 24) {
       chunk_body<Ops, kTile, kOutBlock, Args, kAct, 24>(
-          args, tile_begin, tile_end, block_begin, block_end);
+          args, first, tiles, block_begin, block_end);
     } else {
       chunk_body<Ops, kTile, kOutBlock, Args, kAct, 0>(
-          args, tile_begin, tile_end, block_begin, block_end);
+          args, first, tiles, block_begin, block_end);
     }
   });
+}
+
+// The tiles [tile_begin, tile_end) of a plan whose tiles from
+// args.full_tiles on have kTile - 1 segments (see ConvPlan::full_tiles).
+template <class Ops, int kTile, int kOutBlock, class Args>
+void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
+                 int64_t block_begin, int64_t block_end) {
+  const int64_t full = args.full_tiles;
+  if (tile_begin < full) {
+    chunk_of_size<Ops, kTile, kOutBlock>(
+        args, args.segments + tile_begin * kTile,
+        std::min(tile_end, full) - tile_begin, block_begin, block_end);
+  }
+  if constexpr (kTile > 1) {
+    const int64_t begin = std::max(tile_begin, full);
+    if (begin < tile_end) {
+      chunk_of_size<Ops, kTile - 1, kOutBlock>(
+          args, args.segments + full * kTile + (begin - full) * (kTile - 1),
+          tile_end - begin, block_begin, block_end);
+    }
+  }
 }
 
 // One depthwise channel: the output vectors (segments) kBlock at a time,

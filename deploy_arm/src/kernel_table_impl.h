@@ -11,6 +11,7 @@ KernelTable make_kernel_table(Isa isa) {
       kQuantTile,
       kDenseTile,
       kDenseOutBlock,
+      kDenseTile > 1 ? kDenseTile - 1 : 0,
       kDenseSingleTile,
       &quant_tile<Ops, kQuantTile>,
       &dense_tile<Ops, kDenseTile, kDenseOutBlock>,

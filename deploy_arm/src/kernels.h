@@ -49,7 +49,10 @@ struct DenseKernelArgs {
   const float* input;
   float* output;
   int64_t out_plane;
-  const Segment* segments;
+  const Segment* segments;       // see full_tiles
+  // Tiles [0, full_tiles) have the kernel's tile size in segments, the
+  // ones after it one segment fewer (see ConvPlan::full_tiles).
+  int64_t full_tiles;
   const int32_t* offsets;        // [taps] offsets, shared by all channels
   int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
   const float* weights;          // [groups][blocks][taps][out_block]
@@ -66,7 +69,8 @@ struct LookupKernelArgs {
   const float* input;
   float* output;
   int64_t out_plane;
-  const Segment* segments;
+  const Segment* segments;       // see DenseKernelArgs::full_tiles
+  int64_t full_tiles;
   const int32_t* offsets;        // [taps] offsets, shared by all channels
   int64_t taps;                  // (in_channels / groups) * kernel_h * kernel_w
   const uint8_t* indices;        // [groups][blocks][taps][out_block]
@@ -158,6 +162,10 @@ struct KernelTable {
   int quant_tile_segments;  // segments one quant kernel call computes
   int dense_tile_segments;  // segments one dense kernel call computes
   int dense_out_block;      // output channels one dense kernel call computes
+  // Segments of the smaller tiles that may end a plan of the dense and
+  // lookup kernels with dense_out_block > 1 (see ConvPlan::full_tiles), or
+  // 0 where the kernels take none.
+  int dense_tail_segments;
   int dense_single_tile_segments;  // segments of the one-channel variant
   // Computes tile `tile` for output channels [o_begin, o_end). scratch
   // holds (o_end - o_begin) * quant_tile_segments * lanes floats for the

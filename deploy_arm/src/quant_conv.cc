@@ -212,9 +212,12 @@ QuantConv2d::QuantConv2d(const ConvGeometry& geometry, Activation activation,
   if (kernel == QuantKernel::kAccumulate) {
     tile_segments_ = kernels.quant_tile_segments;
   } else {
-    tile_segments_ = output_block(geometry, kernels) == 1
-                         ? kernels.dense_single_tile_segments
-                         : kernels.dense_tile_segments;
+    if (output_block(geometry, kernels) == 1) {
+      tile_segments_ = kernels.dense_single_tile_segments;
+    } else {
+      tile_segments_ = kernels.dense_tile_segments;
+      tail_segments_ = kernels.dense_tail_segments;
+    }
   }
 }
 
@@ -275,7 +278,8 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
 Status QuantConv2d::fill_plan(ConvPlan* plan) const {
   if (kernel_ == QuantKernel::kLookup) {
     if (flat_geometry(geometry_) && weights_->out_block > 1) {
-      make_flat_plan(geometry_, lanes_, tile_segments_, plan);
+      make_flat_plan(geometry_, lanes_, tile_segments_, tail_segments_,
+                     plan);
       return Status::Ok();
     }
     local_tap_offsets(geometry_, *plan, &plan->offsets);
@@ -303,6 +307,7 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
   args.output = output;
   args.out_plane = out_plane;
   args.segments = plan.segments.data();
+  args.full_tiles = plan.full_tiles;
   args.offsets = plan.offsets.data();
   args.taps = static_cast<int64_t>(plan.offsets.size());
   args.indices = w.block_indices.data();

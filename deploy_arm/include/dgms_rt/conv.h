@@ -225,6 +225,9 @@ class Conv2d {
   Isa isa_;
   int lanes_ = 1;          // output pixels per kernel vector
   int tile_segments_ = 1;  // vectors per kernel call, set by the subclass
+  // Vectors per call of the smaller tiles that may end a plan, or 0 where
+  // the layer's kernels take none; set by the subclass.
+  int tail_segments_ = 0;
 
  private:
   mutable std::mutex plan_mutex_;
