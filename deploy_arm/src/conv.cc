@@ -225,14 +225,22 @@ void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
       plan.out_h * ((plan.out_w + kernels.lanes - 1) / kernels.lanes);
   const detail::PlaneLayout layout = plane_layout(g, plan);
   run_parallel(pool, g.groups, [&](int64_t c) {
+    // The padding of the layout last prepared in the buffer stays zero:
+    // the kernels write only its data.
     thread_local std::vector<float> prepared;
+    thread_local detail::PlaneLayout padded{};
+    thread_local bool padding_ready = false;
     if (static_cast<int64_t>(prepared.size()) < plan.plane) {
       prepared.resize(plan.plane);
+      padding_ready = false;
     }
     detail::DepthwiseArgs args;
     args.input = input + c * in_plane;
     args.layout = &layout;
     args.prepared = prepared.data();
+    args.padding_ready = padding_ready && padded == layout;
+    padded = layout;
+    padding_ready = true;
     args.output = output + c * out_plane;
     args.segments = plan.segments.data();
     args.num_segments = segments;

@@ -646,9 +646,64 @@ void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
   }
 }
 
+// Copies only the data of one channel plane into a buffer that already
+// holds the zero padding of the same layout (see
+// DepthwiseArgs::padding_ready): the padding costs as much as the data on
+// small planes, and it is the same for every channel.
+template <class Ops>
+void prepare_data(const PlaneLayout& p, const float* src, float* dst) {
+  constexpr int64_t kLanes = Ops::kLanes;
+  const int64_t width = p.width;
+  if (p.stride_w == 1) {
+    for (int64_t y = 0; y < p.height; ++y) {
+      float* d = dst + (y + p.pad_h) * p.row_stride + p.pad_w;
+      const float* s = src + y * width;
+      int64_t i = 0;
+      for (; i + kLanes <= width; i += kLanes) {
+        Ops::store(d + i, Ops::load(s + i), kLanes);
+      }
+      if (i == width) continue;
+      if (width >= kLanes) {
+        // The row's last vector again, overlapping the one before it: a
+        // whole load and store instead of partial ones.
+        Ops::store(d + width - kLanes, Ops::load(s + width - kLanes),
+                   kLanes);
+      } else {
+        const int lanes = static_cast<int>(width - i);
+        Ops::store(d + i, Ops::load_partial(s + i, lanes), lanes);
+      }
+    }
+    return;
+  }
+  // The data of each phase as in prepare_plane.
+  for (int64_t q = 0; q < p.stride_w; ++q) {
+    const int64_t first =
+        ((q - p.pad_w) % p.stride_w + p.stride_w) % p.stride_w;
+    const int64_t begin = (first + p.pad_w) / p.stride_w;
+    const int64_t count =
+        first < width ? (width - first + p.stride_w - 1) / p.stride_w : 0;
+    for (int64_t y = 0; y < p.height; ++y) {
+      float* phase =
+          dst + (y + p.pad_h) * p.row_stride + q * p.phase_w + begin;
+      const float* src_first = src + y * width + first;
+      if (p.stride_w == 2) {
+        for (int64_t j = 0; j < count; ++j) phase[j] = src_first[2 * j];
+      } else {
+        for (int64_t j = 0; j < count; ++j) {
+          phase[j] = src_first[j * p.stride_w];
+        }
+      }
+    }
+  }
+}
+
 template <class Ops>
 void depthwise(const DepthwiseArgs& raw) {
-  prepare_plane<Ops>(*raw.layout, raw.input, raw.prepared);
+  if (raw.padding_ready) {
+    prepare_data<Ops>(*raw.layout, raw.input, raw.prepared);
+  } else {
+    prepare_plane<Ops>(*raw.layout, raw.input, raw.prepared);
+  }
   DepthwiseArgs args = raw;
   args.input = raw.prepared;
   with_activation(args.activation, [&](auto act) {

@@ -96,6 +96,13 @@ struct PlaneLayout {
   int64_t phase_w;
   int64_t row_stride;  // stride_w * phase_w
   int64_t plane;       // floats per prepared plane, padding rows included
+
+  bool operator==(const PlaneLayout& o) const {
+    return height == o.height && width == o.width && pad_h == o.pad_h &&
+           pad_w == o.pad_w && stride_w == o.stride_w &&
+           phase_w == o.phase_w && row_stride == o.row_stride &&
+           plane == o.plane;
+  }
 };
 
 // Depthwise layers (one input and one output channel per group): one
@@ -108,6 +115,9 @@ struct DepthwiseArgs {
   const float* input;       // the channel's input plane, unprepared
   const PlaneLayout* layout;
   float* prepared;          // room for layout->plane floats
+  // prepared already holds the zero padding of this layout (from the
+  // previous channel), so only the data is copied.
+  bool padding_ready;
   float* output;            // the channel's output plane
   const Segment* segments;  // the plan's segments (see ConvPlan)
   int64_t num_segments;     // without the fillers that pad the last tile
