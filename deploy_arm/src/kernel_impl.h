@@ -258,12 +258,12 @@ void tile_body(const Args& args, const Segment* segments, int64_t block_begin,
   TileInputs<Ops, kTile> inputs;
   int64_t prepared_group = -1;
 
-  // With many taps (a 3x3 conv over hundreds of channels) the tile's
-  // inputs under all taps outgrow the L2 cache, and every block would read
-  // them from memory again. So the taps run in chunks, each for all blocks
-  // of the item, with the sums kept in `partial` between chunks. The sums
-  // leave and re-enter the registers unchanged, so the results are the
-  // same bits.
+  // With many taps (a 3x3 conv over tens of channels or more) the tile's
+  // inputs under all taps outgrow the L1 cache, and every block would read
+  // them from L2 or memory again. So the taps run in chunks of
+  // kTileTapChunk, each for all blocks of the item, with the sums kept in
+  // `partial` between chunks. The sums leave and re-enter the registers
+  // unchanged, so the results are the same bits.
   constexpr int64_t kWidth = kTile * Ops::kLanes;
   const int64_t taps = args.taps;
   const int64_t blocks = block_end - block_begin;
