@@ -102,6 +102,11 @@ class Model {
   Status detect(const Tensor& input, const std::vector<ImageInfo>& images,
                 bool rescale,
                 std::vector<std::vector<Detection>>* detections) const;
+  // The same on caller-owned floats: `input` holds the product of `shape`
+  // values, which the call reads without keeping.
+  Status detect(const float* input, const std::vector<int64_t>& shape,
+                const std::vector<ImageInfo>& images, bool rescale,
+                std::vector<std::vector<Detection>>* detections) const;
 
  private:
   explicit Model(std::unique_ptr<ModelImpl> impl);

@@ -24,6 +24,13 @@ Status invalid(const std::string& message) {
   return Status(StatusCode::kInvalidArgument, message);
 }
 
+// A graph input: a shape and the caller's `size` floats.
+struct InputView {
+  const std::vector<int64_t>* shape;
+  const float* data;
+  int64_t size;
+};
+
 struct BuiltConv {
   std::unique_ptr<Conv2d> conv;
   int layer = -1;
@@ -790,7 +797,10 @@ class ModelImpl {
     return names;
   }
 
-  Status run_graph(const std::string& name, const std::vector<Tensor>& inputs,
+  // Runs a graph on `inputs`, which it copies into reused buffers (so the
+  // caller's data is copied once on the way in).
+  Status run_graph(const std::string& name,
+                   const std::vector<InputView>& inputs,
                    std::vector<std::pair<std::string, Tensor>>* outputs,
                    std::vector<Model::NodeTime>* times = nullptr) const {
     auto it = content.graphs.find(name);
@@ -803,15 +813,17 @@ class ModelImpl {
                      std::to_string(inputs.size()));
     std::vector<Tensor> values(static_cast<size_t>(graph.num_values));
     for (size_t i = 0; i < inputs.size(); ++i) {
-      const Tensor& t = inputs[i];
-      bool ok = !t.shape.empty();
-      for (int64_t d : t.shape) ok = ok && d > 0;
-      ok = ok && t.numel() <= ConvLimits::kMaxElements &&
-           int64_t(t.data.size()) == t.numel();
+      const InputView& t = inputs[i];
+      Tensor shape;
+      shape.shape = *t.shape;
+      bool ok = !t.shape->empty() && t.data != nullptr;
+      for (int64_t d : *t.shape) ok = ok && d > 0;
+      ok = ok && shape.numel() <= ConvLimits::kMaxElements &&
+           t.size == shape.numel();
       if (!ok)
         return invalid("input " + std::to_string(i) + " of graph '" + name +
-                       "' has shape " + t.shape_string() + " and " +
-                       std::to_string(t.data.size()) +
+                       "' has shape " + shape.shape_string() + " and " +
+                       std::to_string(t.size) +
                        " values; expected positive dimensions and a matching "
                        "value count");
     }
@@ -824,10 +836,9 @@ class ModelImpl {
     // page-faulted on every run.
     for (size_t i = 0; i < inputs.size(); ++i) {
       Tensor& value = values[size_t(graph.inputs[i])];
-      value.shape = inputs[i].shape;
-      value.data = buffers.take(inputs[i].data.size());
-      std::copy(inputs[i].data.begin(), inputs[i].data.end(),
-                value.data.begin());
+      value.shape = *inputs[i].shape;
+      value.data = buffers.take(size_t(inputs[i].size));
+      std::copy_n(inputs[i].data, inputs[i].size, value.data.begin());
     }
     for (size_t i = 0; i < graph.nodes.size(); ++i) {
       const NodeData& node = graph.nodes[i];
@@ -877,6 +888,17 @@ class ModelImpl {
     return Status::Ok();
   }
 };
+
+namespace {
+
+std::vector<InputView> views_of(const std::vector<Tensor>& tensors) {
+  std::vector<InputView> views;
+  for (const Tensor& t : tensors)
+    views.push_back({&t.shape, t.data.data(), int64_t(t.data.size())});
+  return views;
+}
+
+}  // namespace
 
 Model::Model(std::unique_ptr<ModelImpl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
@@ -936,7 +958,7 @@ const Json& Model::meta() const { return impl_->content.meta; }
 Status Model::run_graph(
     const std::string& name, const std::vector<Tensor>& inputs,
     std::vector<std::pair<std::string, Tensor>>* outputs) const {
-  return impl_->run_graph(name, inputs, outputs);
+  return impl_->run_graph(name, views_of(inputs), outputs);
 }
 
 Status Model::profile_graph(const std::string& name,
@@ -944,7 +966,7 @@ Status Model::profile_graph(const std::string& name,
                             std::vector<NodeTime>* times) const {
   std::vector<std::pair<std::string, Tensor>> outputs;
   times->clear();
-  Status s = impl_->run_graph(name, inputs, &outputs, times);
+  Status s = impl_->run_graph(name, views_of(inputs), &outputs, times);
   impl_->recycle(&outputs);
   return s;
 }
@@ -952,6 +974,17 @@ Status Model::profile_graph(const std::string& name,
 Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
                      bool rescale,
                      std::vector<std::vector<Detection>>* detections) const {
+  if (int64_t(input.data.size()) != input.numel())
+    return invalid("the input tensor has shape " + input.shape_string() +
+                   " but " + std::to_string(input.data.size()) + " values");
+  return detect(input.data.data(), input.shape, images, rescale, detections);
+}
+
+Status Model::detect(const float* data, const std::vector<int64_t>& shape,
+                     const std::vector<ImageInfo>& images, bool rescale,
+                     std::vector<std::vector<Detection>>* detections) const {
+  Tensor input;  // the shape only
+  input.shape = shape;
   if (impl_->content.kind != "single_stage")
     return Status(StatusCode::kUnsupported,
                   "detect supports single_stage detectors (RetinaNet); this "
@@ -974,7 +1007,11 @@ Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
           "), the input's size: give the resized size before padding");
   }
   std::vector<std::pair<std::string, Tensor>> outputs;
-  Status s = impl_->run_graph("main", {input}, &outputs);
+  // A view: a copy of the input tensor cost about 0.3 ms per call on a
+  // 416 x 416 image (a new 2 MB allocation, page-faulted each time).
+  Status s = impl_->run_graph(
+      "main", {{&shape, data, data != nullptr ? input.numel() : 0}},
+      &outputs);
   if (!s.ok()) return s;
   const int64_t levels = impl_->content.num_levels;
   std::vector<const Tensor*> cls(static_cast<size_t>(levels)), bbox(static_cast<size_t>(levels));
