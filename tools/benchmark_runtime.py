@@ -63,8 +63,9 @@ def parse_args(argv=None):
                         help='input height and width (default: 416 416 for '
                         'the demo, 512 512 for R50)')
     parser.add_argument('--repeat', type=int, default=5,
-                        help='timed runs per model and runtime after one '
-                        'warm-up; the median is reported (default: 5)')
+                        help='timed rounds per model after one warm-up, '
+                        'each running every runtime once; the median is '
+                        'reported (default: 5)')
     parser.add_argument('--demo-root', default=REPO_ROOT,
                         help='checkout holding work_dirs/demo (default: '
                         'this one)')
@@ -107,16 +108,6 @@ def fold_scales(executor: GraphExecutor) -> GraphExecutor:
     return executor
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def bench_model(name, args) -> dict:
     size = args.size or ((416, 416) if name.startswith('demo') else
                          (512, 512))
@@ -127,12 +118,12 @@ def bench_model(name, args) -> dict:
     img_shape, scale = size, (1.0, 1.0)
     result = dict(model=name, size=f'{size[0]}x{size[1]}',
                   mb=len(data) / 2**20)
+    runs = {}  # name -> callable running one inference
     if 'runtime' not in args.skip:
         print_log(f'{name}: runtime', logger='current')
         runtime = RuntimeDetector(data, threads=args.threads)
         array = image[0].numpy()
-        result['runtime'] = timed(
-            lambda: runtime.detect(array, img_shape, scale), args.repeat)
+        runs['runtime'] = lambda: runtime.detect(array, img_shape, scale)
     packed = read_packed(data)
     if 'pytorch' not in args.skip:
         print_log(f'{name}: pytorch', logger='current')
@@ -146,7 +137,7 @@ def bench_model(name, args) -> dict:
             with torch.no_grad():
                 detector.predict(image, [sample.clone()])
 
-        result['pytorch'] = timed(run_pytorch, args.repeat)
+        runs['pytorch'] = run_pytorch
     if 'onnxruntime' not in args.skip:
         print_log(f'{name}: onnxruntime', logger='current')
         import onnxruntime as ort
@@ -174,8 +165,24 @@ def bench_model(name, args) -> dict:
             session = ort.InferenceSession(
                 path, options, providers=['CPUExecutionProvider'])
         feed = dict(image=image.numpy())
-        result['onnxruntime'] = timed(lambda: session.run(None, feed),
-                                      args.repeat)
+        runs['onnxruntime'] = lambda: session.run(None, feed)
+    # Rounds in which every runtime runs twice, the second run timed: on a
+    # shared machine the speed drifts over seconds, and all runs of one
+    # runtime after another would give that drift to one of them. The
+    # pause before a runtime's runs lets the previous one's threads go
+    # idle: ONNX Runtime's spin for a while after a run and, with 2
+    # threads, took a core from the next runtime.
+    print_log(f'{name}: timing {args.repeat} rounds', logger='current')
+    times = {key: [] for key in runs}
+    for _ in range(args.repeat):
+        for key, run in runs.items():
+            time.sleep(0.2)
+            run()
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    for key, values in times.items():
+        result[key] = statistics.median(values) * 1000
     return result
 
 
@@ -183,7 +190,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [bench_model(name, args) for name in args.models]
-    print(f'threads {args.threads}, median of {args.repeat} runs, ms')
+    print(f'threads {args.threads}, median of {args.repeat} interleaved '
+          'runs, ms')
     print(f'{"model":<8} {"input":>9} {"file MiB":>8} {"runtime":>9} '
           f'{"pytorch":>9} {"onnxrt*":>9}')
     for row in rows:
