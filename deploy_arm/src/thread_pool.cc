@@ -19,7 +19,9 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until done() or for about `microseconds`; returns done().
+// Spins until done() or for about `microseconds`; returns done(). It
+// yields the core between rounds, so that spinning threads do not hold up
+// the others when a pool has more threads than the machine has cores.
 template <class Done>
 bool spin_until(Done done, int microseconds) {
   const auto end = std::chrono::steady_clock::now() +
@@ -30,6 +32,7 @@ bool spin_until(Done done, int microseconds) {
       cpu_relax();
     }
     if (std::chrono::steady_clock::now() >= end) return done();
+    std::this_thread::yield();
   }
 }
 

@@ -17,8 +17,11 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dgms_rt/c_api.h"
@@ -476,6 +479,42 @@ void test_shape_change(std::mt19937* rng) {
                              std::to_string(size[1]);
     check_identical(run_conv(*shared, input, size[0], size[1], 2, context),
                     run_conv(*fresh, input, size[0], size[1], 1, context), context);
+  }
+}
+
+// A depthwise layer keeps the zero padding of its buffer between channels
+// and calls while the plane layout stays the same (see
+// DepthwiseArgs::padding_ready). Layers and input sizes that alternate,
+// with other layouts in between, must still match the naive conv.
+void test_depthwise_padding_reuse(std::mt19937* rng) {
+  struct Case {
+    int64_t stride, pad, dilation;
+  };
+  const Case cases[] = {{1, 1, 1}, {2, 1, 1}, {1, 2, 2}};
+  std::vector<QuantLayer> layers;
+  for (const Case& c : cases) {
+    ConvGeometry g;
+    g.out_channels = g.in_channels = g.groups = 5;
+    g.kernel_h = g.kernel_w = 3;
+    g.stride_h = g.stride_w = c.stride;
+    g.pad_h = g.pad_w = c.pad;
+    g.dilation_h = g.dilation_w = c.dilation;
+    layers.push_back(
+        testing::random_quant_layer(g, 4, 0.2, Activation::kNone, rng));
+  }
+  const int64_t sizes[][2] = {{9, 11}, {9, 11}, {4, 21}, {9, 11}};
+  for (int round = 0; round < 2; ++round) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      for (const auto& size : sizes) {
+        const std::vector<float> input = testing::random_floats(
+            5 * size[0] * size[1], -1, 1, rng);
+        check_quant_layer(layers[l], input, size[0], size[1], {1, 2},
+                          "depthwise padding reuse layer " +
+                              std::to_string(l) + " " +
+                              std::to_string(size[0]) + "x" +
+                              std::to_string(size[1]));
+      }
+    }
   }
 }
 
@@ -1087,6 +1126,30 @@ void test_thread_pool() {
                            ": every index must run once per loop");
     }
   }
+  // Loops back to back find the workers spinning; loops after a pause
+  // longer than the spin find them asleep. A pool destroyed right after a
+  // loop stops workers that are still spinning.
+  for (int pause_us : {0, 2000}) {
+    ThreadPool pool(3);
+    std::vector<std::atomic<int>> hits(64);
+    for (auto& h : hits) h.store(0);
+    for (int repeat = 0; repeat < 20; ++repeat) {
+      if (pause_us > 0) {
+        std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+      }
+      pool.parallel_for(64, [&](int64_t i) { hits[i].fetch_add(1); });
+    }
+    bool all = true;
+    for (auto& h : hits) all = all && h.load() == 20;
+    check(all, "thread pool with pauses of " + std::to_string(pause_us) +
+                   " us: every index must run once per loop");
+  }
+  for (int repeat = 0; repeat < 20; ++repeat) {
+    ThreadPool pool(2);
+    std::atomic<int> sum{0};
+    pool.parallel_for(8, [&](int64_t i) { sum.fetch_add(int(i)); });
+    check(sum.load() == 28, "thread pool destroyed after one loop");
+  }
 }
 
 }  // namespace
@@ -1104,6 +1167,7 @@ int main() {
   test_dense_kernels(&rng);
   test_winograd(&rng);
   test_shape_change(&rng);
+  test_depthwise_padding_reuse(&rng);
   test_views(&rng);
   test_malformed_quant(&rng);
   test_kernel_choice(&rng);
