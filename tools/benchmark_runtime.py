@@ -63,9 +63,12 @@ def parse_args(argv=None):
                         help='input height and width (default: 416 416 for '
                         'the demo, 512 512 for R50)')
     parser.add_argument('--repeat', type=int, default=5,
-                        help='timed rounds per model after one warm-up, '
-                        'each running every runtime once; the median is '
-                        'reported (default: 5)')
+                        help='rounds per model, each running every runtime '
+                        'once untimed and --per-round times timed; the '
+                        'median of all timed runs is reported (default: 5)')
+    parser.add_argument('--per-round', type=int, default=3,
+                        help='timed runs of each runtime per round '
+                        '(default: 3)')
     parser.add_argument('--demo-root', default=REPO_ROOT,
                         help='checkout holding work_dirs/demo (default: '
                         'this one)')
@@ -166,21 +169,21 @@ def bench_model(name, args) -> dict:
                 path, options, providers=['CPUExecutionProvider'])
         feed = dict(image=image.numpy())
         runs['onnxruntime'] = lambda: session.run(None, feed)
-    # Rounds in which every runtime runs twice, the second run timed: on a
-    # shared machine the speed drifts over seconds, and all runs of one
-    # runtime after another would give that drift to one of them. The
-    # pause before a runtime's runs lets the previous one's threads go
-    # idle: ONNX Runtime's spin for a while after a run and, with 2
-    # threads, took a core from the next runtime.
+    # Rounds in which every runtime runs once untimed and then `per_round`
+    # times timed: on a shared machine the speed drifts over seconds, and
+    # all runs of one runtime after another would give that drift to one
+    # of them. The untimed run takes what the previous runtime leaves
+    # behind: a cache full of its data and, with 2 threads, ONNX Runtime's
+    # threads still spinning for a while after its run.
     print_log(f'{name}: timing {args.repeat} rounds', logger='current')
     times = {key: [] for key in runs}
     for _ in range(args.repeat):
         for key, run in runs.items():
-            time.sleep(0.2)
             run()
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+            for _ in range(args.per_round):
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
     for key, values in times.items():
         result[key] = statistics.median(values) * 1000
     return result
@@ -190,8 +193,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [bench_model(name, args) for name in args.models]
-    print(f'threads {args.threads}, median of {args.repeat} interleaved '
-          'runs, ms')
+    print(f'threads {args.threads}, median of {args.repeat} rounds x '
+          f'{args.per_round} runs, ms')
     print(f'{"model":<8} {"input":>9} {"file MiB":>8} {"runtime":>9} '
           f'{"pytorch":>9} {"onnxrt*":>9}')
     for row in rows:
