@@ -584,36 +584,47 @@ void depthwise_body(const DepthwiseArgs& a) {
 
 // Copies one channel plane into the prepared layout with vector loads and
 // stores: calls to memcpy and memset per row cost more than the copy on
-// the small planes of a detector's later layers.
-template <class Ops>
-void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
+// the small planes of a detector's later layers. With kPadding false it
+// copies only the data, into a buffer that already contains the zero
+// padding of the same layout (see DepthwiseArgs::padding_ready): the
+// padding costs as much as the data on small planes, and it is the same
+// for every channel.
+template <class Ops, bool kPadding>
+void copy_plane(const PlaneLayout& p, const float* src, float* dst) {
+  constexpr int64_t kLanes = Ops::kLanes;
   const typename Ops::Vec zero = Ops::zero();
   const auto fill_zero = [&](float* d, int64_t n) {
     int64_t i = 0;
-    for (; i + Ops::kLanes <= n; i += Ops::kLanes) {
-      Ops::store(d + i, zero, Ops::kLanes);
-    }
+    for (; i + kLanes <= n; i += kLanes) Ops::store(d + i, zero, kLanes);
     if (i < n) Ops::store(d + i, zero, static_cast<int>(n - i));
   };
-  const int64_t data_begin = p.pad_h * p.row_stride;
-  const int64_t data_end = (p.pad_h + p.height) * p.row_stride;
-  fill_zero(dst, data_begin);
-  fill_zero(dst + data_end, p.plane - data_end);
+  const int64_t width = p.width;
+  if (kPadding) {
+    const int64_t data_begin = p.pad_h * p.row_stride;
+    const int64_t data_end = (p.pad_h + p.height) * p.row_stride;
+    fill_zero(dst, data_begin);
+    fill_zero(dst + data_end, p.plane - data_end);
+  }
   if (p.stride_w == 1) {
     for (int64_t y = 0; y < p.height; ++y) {
       float* row = dst + (y + p.pad_h) * p.row_stride;
-      const float* src_row = src + y * p.width;
-      fill_zero(row, p.pad_w);
+      const float* s = src + y * width;
+      if (kPadding) fill_zero(row, p.pad_w);
       float* d = row + p.pad_w;
       int64_t i = 0;
-      for (; i + Ops::kLanes <= p.width; i += Ops::kLanes) {
-        Ops::store(d + i, Ops::load(src_row + i), Ops::kLanes);
+      for (; i + kLanes <= width; i += kLanes) {
+        Ops::store(d + i, Ops::load(s + i), kLanes);
       }
-      if (i < p.width) {
-        const int lanes = static_cast<int>(p.width - i);
-        Ops::store(d + i, Ops::load_partial(src_row + i, lanes), lanes);
+      if (i < width && width >= kLanes) {
+        // The row's last vector again, overlapping the one before it: a
+        // whole load and store instead of partial ones.
+        Ops::store(d + width - kLanes, Ops::load(s + width - kLanes),
+                   kLanes);
+      } else if (i < width) {
+        const int lanes = static_cast<int>(width - i);
+        Ops::store(d + i, Ops::load_partial(s + i, lanes), lanes);
       }
-      fill_zero(d + p.width, p.row_stride - p.pad_w - p.width);
+      if (kPadding) fill_zero(d + width, p.row_stride - p.pad_w - width);
     }
     return;
   }
@@ -625,12 +636,11 @@ void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
         ((q - p.pad_w) % p.stride_w + p.stride_w) % p.stride_w;
     const int64_t begin = (first + p.pad_w) / p.stride_w;
     const int64_t count =
-        first < p.width ? (p.width - first + p.stride_w - 1) / p.stride_w
-                        : 0;
+        first < width ? (width - first + p.stride_w - 1) / p.stride_w : 0;
     for (int64_t y = 0; y < p.height; ++y) {
       float* phase = dst + (y + p.pad_h) * p.row_stride + q * p.phase_w;
-      const float* src_first = src + y * p.width + first;
-      fill_zero(phase, begin);
+      const float* src_first = src + y * width + first;
+      if (kPadding) fill_zero(phase, begin);
       if (p.stride_w == 2) {
         // The common stride, with a constant step the compiler vectorises.
         for (int64_t j = 0; j < count; ++j) {
@@ -641,68 +651,24 @@ void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
           phase[begin + j] = src_first[j * p.stride_w];
         }
       }
-      fill_zero(phase + begin + count, p.phase_w - begin - count);
+      if (kPadding) {
+        fill_zero(phase + begin + count, p.phase_w - begin - count);
+      }
     }
   }
 }
 
-// Copies only the data of one channel plane into a buffer that already
-// holds the zero padding of the same layout (see
-// DepthwiseArgs::padding_ready): the padding costs as much as the data on
-// small planes, and it is the same for every channel.
 template <class Ops>
-void prepare_data(const PlaneLayout& p, const float* src, float* dst) {
-  constexpr int64_t kLanes = Ops::kLanes;
-  const int64_t width = p.width;
-  if (p.stride_w == 1) {
-    for (int64_t y = 0; y < p.height; ++y) {
-      float* d = dst + (y + p.pad_h) * p.row_stride + p.pad_w;
-      const float* s = src + y * width;
-      int64_t i = 0;
-      for (; i + kLanes <= width; i += kLanes) {
-        Ops::store(d + i, Ops::load(s + i), kLanes);
-      }
-      if (i == width) continue;
-      if (width >= kLanes) {
-        // The row's last vector again, overlapping the one before it: a
-        // whole load and store instead of partial ones.
-        Ops::store(d + width - kLanes, Ops::load(s + width - kLanes),
-                   kLanes);
-      } else {
-        const int lanes = static_cast<int>(width - i);
-        Ops::store(d + i, Ops::load_partial(s + i, lanes), lanes);
-      }
-    }
-    return;
-  }
-  // The data of each phase as in prepare_plane.
-  for (int64_t q = 0; q < p.stride_w; ++q) {
-    const int64_t first =
-        ((q - p.pad_w) % p.stride_w + p.stride_w) % p.stride_w;
-    const int64_t begin = (first + p.pad_w) / p.stride_w;
-    const int64_t count =
-        first < width ? (width - first + p.stride_w - 1) / p.stride_w : 0;
-    for (int64_t y = 0; y < p.height; ++y) {
-      float* phase =
-          dst + (y + p.pad_h) * p.row_stride + q * p.phase_w + begin;
-      const float* src_first = src + y * width + first;
-      if (p.stride_w == 2) {
-        for (int64_t j = 0; j < count; ++j) phase[j] = src_first[2 * j];
-      } else {
-        for (int64_t j = 0; j < count; ++j) {
-          phase[j] = src_first[j * p.stride_w];
-        }
-      }
-    }
-  }
+void prepare_plane(const PlaneLayout& p, const float* src, float* dst) {
+  copy_plane<Ops, true>(p, src, dst);
 }
 
 template <class Ops>
 void depthwise(const DepthwiseArgs& raw) {
   if (raw.padding_ready) {
-    prepare_data<Ops>(*raw.layout, raw.input, raw.prepared);
+    copy_plane<Ops, false>(*raw.layout, raw.input, raw.prepared);
   } else {
-    prepare_plane<Ops>(*raw.layout, raw.input, raw.prepared);
+    copy_plane<Ops, true>(*raw.layout, raw.input, raw.prepared);
   }
   DepthwiseArgs args = raw;
   args.input = raw.prepared;

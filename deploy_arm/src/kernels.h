@@ -118,7 +118,7 @@ struct DepthwiseArgs {
   const float* input;       // the channel's input plane, unprepared
   const PlaneLayout* layout;
   float* prepared;          // room for layout->plane floats
-  // prepared already holds the zero padding of this layout (from the
+  // prepared already contains the zero padding of this layout (from the
   // previous channel), so only the data is copied.
   bool padding_ready;
   float* output;            // the channel's output plane

@@ -70,7 +70,7 @@ void ThreadPool::parallel_for(int64_t count,
   active_workers_.store(static_cast<int>(workers_.size()));
   bool wake = false;
   {
-    // Under the mutex, so that a worker about to sleep either sees the
+    // Under the mutex, so that a worker about to sleep either reads the
     // new generation or is counted in sleeping_ and woken.
     std::lock_guard<std::mutex> lock(mutex_);
     generation_.fetch_add(1);

@@ -102,8 +102,8 @@ class Model {
   Status detect(const Tensor& input, const std::vector<ImageInfo>& images,
                 bool rescale,
                 std::vector<std::vector<Detection>>* detections) const;
-  // The same on caller-owned floats: `input` holds the product of `shape`
-  // values, which the call reads without keeping.
+  // The same on caller-owned floats: `input` contains the product of
+  // `shape` values, which the call reads without keeping.
   Status detect(const float* input, const std::vector<int64_t>& shape,
                 const std::vector<ImageInfo>& images, bool rescale,
                 std::vector<std::vector<Detection>>* detections) const;
