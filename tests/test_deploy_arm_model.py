@@ -694,14 +694,14 @@ def test_dump_input_rejects_bad_paths(packed, tensor_file, detect_binary,
     same = tmp_path / 'out.json'
     proc = detections_of(base + ['--dump-input', str(same), '--output',
                                  str(same)])
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert 'different files' in proc.stderr
     assert not same.exists()
     # The same file through another spelling of its path.
     spelled = tmp_path / 'folder' / '..' / 'out.json'
     proc = detections_of(base + ['--dump-input', str(same), '--output',
                                  str(spelled)])
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert 'same file' in proc.stderr
     assert not same.exists()
 

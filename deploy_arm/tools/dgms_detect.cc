@@ -406,10 +406,9 @@ int main(int argc, char** argv) {
     if (!s.ok()) return fail(s);
   }
   if (!output.empty() && output_target == dump_target) {
-    std::fprintf(stderr, "dgms_detect: --output '%s' and --dump-input '%s' "
-                 "are the same file; give them different files\n",
-                 output.c_str(), dump_input.c_str());
-    return 2;
+    return fail(invalid("--output '" + output + "' and --dump-input '" +
+                        dump_input + "' are the same file; give them "
+                        "different files"));
   }
 
   if (!dgms_rt::isa_supported(isa)) {
