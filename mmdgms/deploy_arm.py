@@ -67,6 +67,31 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
     return lib
 
 
+def _pair(name: str, values, integral: bool) -> tuple:
+    """Return `values` as two ints (integral) or floats, or raise a
+    ValueError that names the argument."""
+    try:
+        pair = tuple(values)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        expected = '(height, width)' if integral else '(w_scale, h_scale)'
+        raise ValueError(f'{name} is {values!r}, expected two values '
+                         f'{expected}')
+    result = []
+    for value in pair:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f'{name} is {values!r}, expected numbers') from None
+        if integral and number != int(number):
+            raise ValueError(f'{name} is {values!r}, expected whole pixel '
+                             'counts')
+        result.append(int(number) if integral else number)
+    return tuple(result)
+
+
 class RuntimeDetector:
     """A packed single-stage detector running in the C++ runtime.
 
@@ -121,16 +146,27 @@ class RuntimeDetector:
             bboxes (n, 4) as x1, y1, x2, y2, scores (n,), labels (n,),
             by descending score.
         """
+        if not getattr(self, 'handle', None):
+            raise RuntimeFailure('the detector is closed: create a new '
+                                 'RuntimeDetector')
+        image = np.asarray(image)
+        if not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(
+                f'image has dtype {image.dtype}, expected float32: pass the '
+                "normalised tensor from the model's data_preprocessor, not "
+                'raw pixels')
         image = np.ascontiguousarray(image, dtype=np.float32)
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f'image must be (3, H, W), got {image.shape}')
+        img_shape = _pair('img_shape', img_shape, integral=True)
+        scale_factor = _pair('scale_factor', scale_factor, integral=False)
         out = np.empty((self.max_detections, 6), np.float32)
         count = ctypes.c_int64()
         f32p = ctypes.POINTER(ctypes.c_float)
         status = self.lib.dgms_model_detect(
             self.handle, image.ctypes.data_as(f32p), image.shape[1],
-            image.shape[2], int(img_shape[0]), int(img_shape[1]),
-            float(scale_factor[0]), float(scale_factor[1]), int(rescale),
+            image.shape[2], img_shape[0], img_shape[1], scale_factor[0],
+            scale_factor[1], int(rescale),
             out.ctypes.data_as(f32p), self.max_detections,
             ctypes.byref(count))
         if status != 0:

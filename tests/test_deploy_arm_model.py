@@ -127,6 +127,47 @@ def test_detect_rejects_bad_image_info(packed):
     assert bboxes.shape[1] == 4
 
 
+def test_detect_rejects_bad_arguments(packed):
+    """detect rejects a non-finite input value, an integer image, argument
+    pairs of the wrong length or kind, and a call after close(), each
+    with a message that names the problem."""
+    _, _, path = packed
+    runtime = RuntimeDetector(path)
+    image = np.random.default_rng(0).random((3, 128, 128), np.float32)
+    for value, where, text in ((np.nan, (1, 5, 7), 'is nan'),
+                               (np.inf, (2, 127, 127), 'is inf')):
+        bad = image.copy()
+        bad[where] = value
+        with pytest.raises(RuntimeFailure) as error:
+            runtime.detect(bad, (128, 128), (1.0, 1.0))
+        c, y, x = where
+        assert (f'(image 0, channel {c}, row {y}, column {x}) {text}'
+                in str(error.value))
+
+    cases = [
+        ((image * 255).astype(np.uint8), (128, 128), (1.0, 1.0),
+         'dtype uint8, expected float32'),
+        (image, (128, 127.5), (1.0, 1.0), 'expected whole pixel counts'),
+        (image, 128, (1.0, 1.0), 'img_shape is 128, expected two values'),
+        (image, (128, 128), (1.0, ), 'scale_factor is (1.0,), expected two'),
+        (image, (128, 'x'), (1.0, 1.0), 'expected numbers'),
+    ]
+    for array, img_shape, scale, message in cases:
+        with pytest.raises(ValueError) as error:
+            runtime.detect(array, img_shape, scale)
+        assert message in str(error.value), message
+
+    # float64 is converted; the detections are the float32 ones.
+    expected = runtime.detect(image, (128, 128), (1.0, 1.0))
+    for got, want in zip(runtime.detect(image.astype(np.float64), (128, 128),
+                                        (1.0, 1.0)), expected):
+        np.testing.assert_array_equal(got, want)
+
+    runtime.close()
+    with pytest.raises(RuntimeFailure, match='the detector is closed'):
+        runtime.detect(image, (128, 128), (1.0, 1.0))
+
+
 def test_thread_counts_agree(packed):
     config, _, path = packed
     reference, _ = load_packed_detector(str(path))

@@ -891,6 +891,28 @@ class ModelImpl {
 
 namespace {
 
+// Returns the index of the first NaN or infinity among n floats, or -1.
+// Chunks of an OR over the exponent bits, which the compiler vectorises,
+// then a search in the chunk that has one.
+int64_t first_non_finite(const float* data, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  constexpr uint32_t kExponent = 0x7f800000u;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t end = std::min(n, begin + kChunk);
+    uint32_t found = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, data + i, sizeof(bits));
+      found |= uint32_t((bits & kExponent) == kExponent);
+    }
+    if (found == 0) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(data[i])) return i;
+    }
+  }
+  return -1;
+}
+
 std::vector<InputView> views_of(const std::vector<Tensor>& tensors) {
   std::vector<InputView> views;
   for (const Tensor& t : tensors)
@@ -1005,6 +1027,30 @@ Status Model::detect(const float* data, const std::vector<int64_t>& shape,
           std::to_string(input.shape[2]) + ", " +
           std::to_string(input.shape[3]) +
           "), the input's size: give the resized size before padding");
+  }
+  int64_t count = 1;
+  for (int64_t d : shape) {
+    if (d > 0 && count > ConvLimits::kMaxElements / d)
+      return invalid("the input " + input.shape_string() + " has more than " +
+                     std::to_string(ConvLimits::kMaxElements) +
+                     " values: use a smaller image");
+    count *= d;
+  }
+  // NaN and infinity are rejected: the SIMD kernels' ReLU (max with 0)
+  // turns NaN into 0, so such an input gave boxes where PyTorch gives
+  // none.
+  if (data != nullptr) {
+    const int64_t bad = first_non_finite(data, count);
+    if (bad >= 0) {
+      const int64_t h = shape[2], w = shape[3];
+      return invalid("the input value at (image " +
+                     std::to_string(bad / (3 * h * w)) + ", channel " +
+                     std::to_string(bad / (h * w) % 3) + ", row " +
+                     std::to_string(bad / w % h) + ", column " +
+                     std::to_string(bad % w) + ") is " +
+                     std::to_string(data[bad]) +
+                     ": pass a finite, preprocessed image");
+    }
   }
   std::vector<std::pair<std::string, Tensor>> outputs;
   // A view: a copy of the input tensor cost about 0.4 ms per call on a
