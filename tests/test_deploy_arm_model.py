@@ -406,13 +406,13 @@ def test_add_then_activation_runs_fused(packed, tensor_file, tmp_path):
 def test_conv_chains_run_banded(packed, tensor_file, detect_binary):
     """Each MobileNetV2 block (1x1 -> depthwise -> 1x1) runs as one
     conv_chain node. Band by band (bands of one to a few rows, forced by a
-    small --chain-band) or conv by conv (--chain-band 0), on 1 or 3
-    threads, it gives the same bits."""
+    small --chain-band), one band per thread (the default band on 2 or 3
+    threads) or conv by conv (--chain-band 0), it gives the same bits."""
     _, _, path = packed
     base = [str(detect_binary), str(path), str(tensor_file[0])]
     runs = {}
     for band in ('0', '1', '5', '1024'):
-        for threads in ('1', '3'):
+        for threads in ('1', '2', '3'):
             proc = detections_of(base + ['--chain-band', band, '--threads',
                                          threads, '--profile'])
             check_cli_detections(proc, tensor_file[1])
