@@ -74,7 +74,12 @@ def parse_args(argv=None):
                         'this one)')
     parser.add_argument('--skip', nargs='*', default=[],
                         choices=['runtime', 'pytorch', 'onnxruntime'])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option, value in (('--repeat', args.repeat),
+                          ('--per-round', args.per_round)):
+        if value < 1:
+            parser.error(f'{option} is {value}, expected at least 1')
+    return args
 
 
 def packed_bytes(name: str, demo_root: str) -> bytes:

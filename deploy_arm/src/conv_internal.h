@@ -27,7 +27,7 @@ struct ConvPlan {
   int64_t phase_w = 0;
   int64_t row_stride = 0;  // stride_w * phase_w
   int64_t plane = 0;       // padded_h * row_stride
-  // Tiles [0, full_tiles) have the layer's tile size in segments; the
+  // Tiles [0, full_tiles) have the layer's tile size in segments, and the
   // num_tiles - full_tiles tiles after them (see split_into_tiles) have
   // its tail size.
   int64_t num_tiles = 0;

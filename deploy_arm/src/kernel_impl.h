@@ -334,23 +334,28 @@ void tile_body(const Args& args, const Segment* segments, int64_t block_begin,
   }
 }
 
-// Tile `tile` of a plan whose tiles from args.full_tiles on have
-// kTile - 1 segments (see ConvPlan::full_tiles). The one-channel kernels
-// (kOutBlock 1) get plans without such tiles.
+// Returns the first segment of tile `tile` in a plan whose tiles from
+// args.full_tiles on have kTile - 1 segments (see ConvPlan::full_tiles).
+template <int kTile, class Args>
+const Segment* tile_start(const Args& args, int64_t tile) {
+  if (tile < args.full_tiles) return args.segments + tile * kTile;
+  return args.segments + args.full_tiles * kTile +
+         (tile - args.full_tiles) * (kTile - 1);
+}
+
+// Computes tile `tile` with tile_body of its size. The one-channel kernels
+// (kOutBlock 1) get plans without smaller tiles.
 template <class Ops, int kTile, int kOutBlock, class Args>
 void any_tile(const Args& args, int64_t tile, int64_t block_begin,
               int64_t block_end) {
   if constexpr (kTile > 1 && kOutBlock > 1) {
     if (tile >= args.full_tiles) {
       tile_body<Ops, kTile - 1, kOutBlock>(
-          args,
-          args.segments + args.full_tiles * kTile +
-              (tile - args.full_tiles) * (kTile - 1),
-          block_begin, block_end);
+          args, tile_start<kTile>(args, tile), block_begin, block_end);
       return;
     }
   }
-  tile_body<Ops, kTile, kOutBlock>(args, args.segments + tile * kTile,
+  tile_body<Ops, kTile, kOutBlock>(args, tile_start<kTile>(args, tile),
                                    block_begin, block_end);
 }
 
@@ -367,8 +372,8 @@ void lookup_tile(const LookupKernelArgs& args, int64_t tile,
 }
 
 // A chunk of `tiles` tiles of kTile segments each, from segment `first`,
-// for the output-channel blocks [block_begin, block_end), of a flat 1x1 plan (ConvPlan::flat) or of a
-// layer with few taps (see chunked_tiles). The tiles' inputs of a conv
+// for the output-channel blocks [block_begin, block_end), of a flat 1x1
+// plan (ConvPlan::flat) or of a layer with few taps (see chunked_tiles). The tiles' inputs of a conv
 // group are packed into one panel, [tile][tap][kTile * kLanes], reading
 // each input channel (of a flat plan) as one contiguous run that the
 // hardware prefetchers follow. Partial segments are loaded partially,
@@ -516,15 +521,15 @@ void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
   const int64_t full = args.full_tiles;
   if (tile_begin < full) {
     chunk_of_size<Ops, kTile, kOutBlock>(
-        args, args.segments + tile_begin * kTile,
+        args, tile_start<kTile>(args, tile_begin),
         std::min(tile_end, full) - tile_begin, block_begin, block_end);
   }
   if constexpr (kTile > 1) {
     const int64_t begin = std::max(tile_begin, full);
     if (begin < tile_end) {
       chunk_of_size<Ops, kTile - 1, kOutBlock>(
-          args, args.segments + full * kTile + (begin - full) * (kTile - 1),
-          tile_end - begin, block_begin, block_end);
+          args, tile_start<kTile>(args, begin), tile_end - begin,
+          block_begin, block_end);
     }
   }
 }
@@ -586,9 +591,9 @@ void depthwise_body(const DepthwiseArgs& a) {
 // stores: calls to memcpy and memset per row cost more than the copy on
 // the small planes of a detector's later layers. With kPadding false it
 // copies only the data, into a buffer that already contains the zero
-// padding of the same layout (see DepthwiseArgs::padding_ready): the
-// padding costs as much as the data on small planes, and it is the same
-// for every channel.
+// padding of the same layout (see DepthwiseArgs::padding_ready). On small
+// planes the padding costs as much as the data, and it is the same for
+// every channel.
 template <class Ops, bool kPadding>
 void copy_plane(const PlaneLayout& p, const float* src, float* dst) {
   constexpr int64_t kLanes = Ops::kLanes;

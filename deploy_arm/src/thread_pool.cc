@@ -19,7 +19,7 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until done() or for about `microseconds`; returns done(). It
+// Spins until done() or for about `microseconds` and returns done(). It
 // yields the core between rounds, so that spinning threads do not hold up
 // the others when a pool has more threads than the machine has cores.
 template <class Done>

@@ -1126,7 +1126,7 @@ void test_thread_pool() {
                            ": every index must run once per loop");
     }
   }
-  // Loops back to back find the workers spinning; loops after a pause
+  // Loops back to back find the workers spinning, and loops after a pause
   // longer than the spin find them asleep. A pool destroyed right after a
   // loop stops workers that are still spinning.
   for (int pause_us : {0, 2000}) {

@@ -226,7 +226,7 @@ class Conv2d {
   int lanes_ = 1;          // output pixels per kernel vector
   int tile_segments_ = 1;  // vectors per kernel call, set by the subclass
   // Vectors per call of the smaller tiles that may end a plan, or 0 where
-  // the layer's kernels take none; set by the subclass.
+  // the layer's kernels take none. The subclass sets it.
   int tail_segments_ = 0;
 
  private:

@@ -458,7 +458,7 @@ class ModelImpl {
       // rows where bands meet twice. On two threads the demo detector took
       // 22.4-24.5 against 23.2-23.4 ms, and 33.4-33.8 against 42.6 ms while
       // the VM's second core was slow: fewer hand-overs wait on it.
-      // NOTE: tuned on 2 cores only; with more threads the recomputed
+      // NOTE: tuned on 2 cores only. With more threads the recomputed
       // rows are a larger share of each band.
       band = (oh + threads - 1) / threads;
       bands = (oh + band - 1) / band;
@@ -931,6 +931,23 @@ int64_t first_non_finite(const float* data, int64_t n) {
   return -1;
 }
 
+// Computes the value count of an input of `shape`, or rejects a shape
+// whose count passes ConvLimits::kMaxElements (before it could overflow).
+Status input_count(const std::vector<int64_t>& shape, int64_t* count) {
+  *count = 1;
+  for (int64_t d : shape) {
+    if (d > 0 && *count > ConvLimits::kMaxElements / d) {
+      Tensor t;
+      t.shape = shape;
+      return invalid("the input " + t.shape_string() + " has more than " +
+                     std::to_string(ConvLimits::kMaxElements) +
+                     " values: use a smaller image");
+    }
+    *count *= d;
+  }
+  return Status::Ok();
+}
+
 std::vector<InputView> views_of(const std::vector<Tensor>& tensors) {
   std::vector<InputView> views;
   for (const Tensor& t : tensors)
@@ -1014,7 +1031,10 @@ Status Model::profile_graph(const std::string& name,
 Status Model::detect(const Tensor& input, const std::vector<ImageInfo>& images,
                      bool rescale,
                      std::vector<std::vector<Detection>>* detections) const {
-  if (int64_t(input.data.size()) != input.numel())
+  int64_t count = 0;
+  Status s = input_count(input.shape, &count);
+  if (!s.ok()) return s;
+  if (int64_t(input.data.size()) != count)
     return invalid("the input tensor has shape " + input.shape_string() +
                    " but " + std::to_string(input.data.size()) + " values");
   return detect(input.data.data(), input.shape, images, rescale, detections);
@@ -1046,14 +1066,9 @@ Status Model::detect(const float* data, const std::vector<int64_t>& shape,
           std::to_string(input.shape[3]) +
           "), the input's size: give the resized size before padding");
   }
-  int64_t count = 1;
-  for (int64_t d : shape) {
-    if (d > 0 && count > ConvLimits::kMaxElements / d)
-      return invalid("the input " + input.shape_string() + " has more than " +
-                     std::to_string(ConvLimits::kMaxElements) +
-                     " values: use a smaller image");
-    count *= d;
-  }
+  int64_t count = 0;
+  Status s = input_count(shape, &count);
+  if (!s.ok()) return s;
   // NaN and infinity are rejected: the SIMD kernels' ReLU (max with 0)
   // turns NaN into 0, so such an input gave boxes where PyTorch gives
   // none.
@@ -1073,9 +1088,8 @@ Status Model::detect(const float* data, const std::vector<int64_t>& shape,
   std::vector<std::pair<std::string, Tensor>> outputs;
   // A view: a copy of the input tensor cost about 0.4 ms per call on a
   // 416 x 416 image (a new 2 MB allocation, page-faulted each time).
-  Status s = impl_->run_graph(
-      "main", {{&shape, data, data != nullptr ? input.numel() : 0}},
-      &outputs);
+  s = impl_->run_graph("main", {{&shape, data, data != nullptr ? count : 0}},
+                       &outputs);
   if (!s.ok()) return s;
   const int64_t levels = impl_->content.num_levels;
   std::vector<const Tensor*> cls(static_cast<size_t>(levels)), bbox(static_cast<size_t>(levels));
