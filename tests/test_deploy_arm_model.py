@@ -434,6 +434,42 @@ def test_conv_chains_run_banded(packed, tensor_file, detect_binary):
     assert "--chain-band is '-1', expected an integer" in proc.stderr
 
 
+def concurrent_nodes(stderr):
+    """Return the count of concurrent nodes in ``dgms_detect --profile``."""
+    match = re.search(r'; (\d+) nodes ran concurrently', stderr)
+    return int(match.group(1)) if match else 0
+
+
+def test_independent_nodes_run_concurrently(packed, tensor_file,
+                                            detect_binary):
+    """On 2 or 3 threads the FPN's 3x3 convs and the head's branches run
+    as a task graph, each node on one thread, with the same bits as on
+    one thread. The quantized 3x3 layers run Winograd on their decoded
+    weights by default and the codebook kernels with --quant-winograd 0,
+    both within the tolerance of the Python reader."""
+    _, _, path = packed
+    base = [str(detect_binary), str(path), str(tensor_file[0]), '--profile']
+    runs = {}
+    for winograd in ('1024', '0'):
+        for threads in ('1', '2', '3'):
+            proc = detections_of(base + ['--threads', threads,
+                                         '--quant-winograd', winograd])
+            check_cli_detections(proc, tensor_file[1])
+            runs[winograd, threads] = (json.loads(proc.stdout)['detections'],
+                                       concurrent_nodes(proc.stderr))
+        dets, concurrent = runs[winograd, '1']
+        assert concurrent == 0
+        for threads in ('2', '3'):
+            assert runs[winograd, threads][0] == dets, (winograd, threads)
+            # At least 2 levels of 5 nodes: the FPN conv and two head
+            # branches of 2 convs.
+            assert runs[winograd, threads][1] >= 10, runs[winograd, threads]
+    assert runs['1024', '1'][0] != runs['0', '1'][0]
+    proc = detections_of(base + ['--quant-winograd', '-5'])
+    assert proc.returncode == 2
+    assert "--quant-winograd is '-5', expected an integer" in proc.stderr
+
+
 def test_cli_under_sanitizers(packed, tensor_file, tmp_path):
     """dgms_detect built with ASan + UBSan: a clean run, and malformed
     files give an error exit, never a sanitizer report."""

@@ -79,8 +79,9 @@ struct ConvWeights {
   // Dense layers with a scale: [out_channels]; empty when absent.
   std::vector<float> dense_scale;
 
-  // Dense 3x3 stride-1 layers with Winograd: the transformed filters
-  // G g G^T, [36][out_blocks][in_channels][dense_out_block].
+  // 3x3 stride-1 layers with Winograd: the transformed filters G g G^T
+  // (of the decoded weights in quantized layers),
+  // [36][out_blocks][in_channels][winograd_out_block].
   std::vector<float> winograd_u;
   int64_t winograd_out_blocks = 0;
 };
@@ -195,6 +196,49 @@ void run_chunked(
     ThreadPool* pool, int64_t num_tiles, int64_t blocks,
     int64_t block_weights, int64_t tile_floats,
     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& kernel);
+
+// Winograd F(4x4, 3x3), shared by dense layers and quantized layers that
+// keep transformed filters of their decoded weights.
+//
+// Whether the geometry allows it: a 3x3 kernel, stride 1, dilation 1, no
+// groups.
+bool winograd_geometry(const ConvGeometry& g);
+
+// Whether it is faster than the direct kernels for an input of height x
+// width (the rule of DenseAlgorithm::kAuto).
+bool winograd_pays_off(const ConvGeometry& g,
+                       const detail::KernelTable& kernels, int64_t height,
+                       int64_t width);
+
+// Fills u ([36][out_blocks][in_channels][block]) from OIHW 3x3 weights.
+// The transform is computed in double and rounded once per value.
+void winograd_filters(const ConvGeometry& g, const float* weights,
+                      int64_t block, int64_t out_blocks,
+                      std::vector<float>* u);
+
+// Marks plan as a Winograd plan and sets its tile counts, or fails when
+// the input is too large for the transformed-input buffer.
+Status fill_winograd_plan(const ConvGeometry& g,
+                          const detail::KernelTable& kernels, ConvPlan* plan);
+
+// A Winograd layer's transformed filters (see winograd_filters) and its
+// per-channel scale (null for none) and bias.
+struct WinogradWeights {
+  const float* u = nullptr;
+  int64_t out_blocks = 0;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+};
+
+// The Winograd part of w: winograd_u, dense_scale and bias.
+WinogradWeights winograd_weights(const ConvWeights& w);
+
+// Runs a Winograd plan on the unprepared NCHW input (planes plan.in_plane
+// floats apart) and writes output planes out_plane floats apart.
+void run_winograd(const ConvGeometry& g, const ConvPlan& plan,
+                  const WinogradWeights& w, Activation activation,
+                  const detail::KernelTable& kernels, const float* input,
+                  float* output, int64_t out_plane, ThreadPool* pool);
 
 // Runs fn(i) for i in [0, count) on pool, or inline when pool is null.
 void run_parallel(ThreadPool* pool, int64_t count,

@@ -8,13 +8,14 @@
 #include "conv_internal.h"
 
 namespace dgms_rt {
-namespace {
 
 bool winograd_geometry(const ConvGeometry& g) {
   return g.groups == 1 && g.kernel_h == 3 && g.kernel_w == 3 &&
          g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 &&
          g.dilation_w == 1;
 }
+
+namespace {
 
 // G of F(4x4, 3x3): the filter transform U = G g G^T.
 constexpr double kWinogradG[6][3] = {
@@ -26,8 +27,8 @@ constexpr double kWinogradG[6][3] = {
     {0.0, 0.0, 1.0},
 };
 
-// Fills u ([36][out_blocks][in_channels][block]) from OIHW 3x3 weights.
-// The transform is computed in double and rounded once per value.
+}  // namespace
+
 void winograd_filters(const ConvGeometry& g, const float* weights,
                       int64_t block, int64_t out_blocks,
                       std::vector<float>* u) {
@@ -56,8 +57,6 @@ void winograd_filters(const ConvGeometry& g, const float* weights,
     }
   }
 }
-
-}  // namespace
 
 const char* dense_algorithm_name(DenseAlgorithm algorithm) {
   switch (algorithm) {
@@ -195,43 +194,52 @@ Status DenseConv2d::create(const DenseConvDesc& desc, Isa isa,
   }
 }
 
+bool winograd_pays_off(const ConvGeometry& g,
+                       const detail::KernelTable& kernels, int64_t height,
+                       int64_t width) {
+  int64_t out_h = 0, out_w = 0;
+  if (!conv_output_size(g, height, width, &out_h, &out_w).ok()) return false;
+  // Winograd pays off from about half a block of tiles (a 16x16 output
+  // with AVX2) and 8 channels; smaller layers run the direct kernel.
+  const int64_t tiles = (out_h + 3) / 4 * ((out_w + 3) / 4);
+  return 2 * tiles >= kernels.winograd_block_tiles && g.in_channels >= 8 &&
+         g.out_channels >= 8;
+}
+
+Status fill_winograd_plan(const ConvGeometry& g,
+                          const detail::KernelTable& kernels,
+                          ConvPlan* plan) {
+  const int64_t block_tiles = kernels.winograd_block_tiles;
+  plan->raw_input = true;
+  plan->winograd = true;
+  plan->tiles_y = (plan->out_h + 3) / 4;
+  plan->tiles_x = (plan->out_w + 3) / 4;
+  plan->tile_blocks =
+      (plan->tiles_y * plan->tiles_x + block_tiles - 1) / block_tiles;
+  // The transformed input must stay within int64 and the memory limit
+  // of the direct path's prepared input.
+  const int64_t v_size = 36 * plan->tile_blocks * block_tiles;
+  if (v_size > ConvLimits::kMaxElements / g.in_channels) {
+    return Status(StatusCode::kInvalidArgument,
+                  "input " + std::to_string(plan->height) + "x" +
+                      std::to_string(plan->width) +
+                      " is too large for this layer's Winograd buffers "
+                      "(over " + std::to_string(ConvLimits::kMaxElements) +
+                      " elements): use algorithm direct");
+  }
+  return Status::Ok();
+}
+
 bool DenseConv2d::uses_winograd(int64_t height, int64_t width) const {
   if (algorithm_ == DenseAlgorithm::kDirect) return false;
   if (algorithm_ == DenseAlgorithm::kWinograd) return true;
-  int64_t out_h = 0, out_w = 0;
-  if (!conv_output_size(geometry_, height, width, &out_h, &out_w).ok()) {
-    return false;
-  }
-  // Winograd pays off from about half a block of tiles (a 16x16 output
-  // with AVX2) and 8 channels; smaller layers run the direct kernel.
-  const detail::KernelTable& kernels = detail::kernels_for(isa_);
-  const int64_t tiles = (out_h + 3) / 4 * ((out_w + 3) / 4);
-  return 2 * tiles >= kernels.winograd_block_tiles &&
-         geometry_.in_channels >= 8 && geometry_.out_channels >= 8;
+  return winograd_pays_off(geometry_, detail::kernels_for(isa_), height,
+                           width);
 }
 
 Status DenseConv2d::fill_plan(ConvPlan* plan) const {
   if (uses_winograd(plan->height, plan->width)) {
-    const detail::KernelTable& kernels = detail::kernels_for(isa_);
-    const int64_t block_tiles = kernels.winograd_block_tiles;
-    plan->raw_input = true;
-    plan->winograd = true;
-    plan->tiles_y = (plan->out_h + 3) / 4;
-    plan->tiles_x = (plan->out_w + 3) / 4;
-    plan->tile_blocks =
-        (plan->tiles_y * plan->tiles_x + block_tiles - 1) / block_tiles;
-    // The transformed input must stay within int64 and the memory limit
-    // of the direct path's prepared input.
-    const int64_t v_size = 36 * plan->tile_blocks * block_tiles;
-    if (v_size > ConvLimits::kMaxElements / geometry_.in_channels) {
-      return Status(StatusCode::kInvalidArgument,
-                    "input " + std::to_string(plan->height) + "x" +
-                        std::to_string(plan->width) +
-                        " is too large for this layer's Winograd buffers "
-                        "(over " + std::to_string(ConvLimits::kMaxElements) +
-                        " elements): use algorithm direct");
-    }
-    return Status::Ok();
+    return fill_winograd_plan(geometry_, detail::kernels_for(isa_), plan);
   }
   if (flat_geometry(geometry_) && weights_->out_block > 1) {
     make_flat_plan(geometry_, lanes_, tile_segments_, tail_segments_, plan);
@@ -273,7 +281,8 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               float* output, int64_t out_plane,
                               ThreadPool* pool) const {
   if (plan.winograd) {
-    compute_winograd(plan, input, output, out_plane, pool);
+    run_winograd(geometry_, plan, winograd_weights(*weights_), activation_,
+                 detail::kernels_for(isa_), input, output, out_plane, pool);
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
@@ -293,12 +302,19 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
                       pool);
 }
 
-void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
-                                   float* output, int64_t out_plane,
-                                   ThreadPool* pool) const {
-  const ConvGeometry& g = geometry_;
-  const detail::KernelTable& kernels = detail::kernels_for(isa_);
-  const ConvWeights& w = *weights_;
+WinogradWeights winograd_weights(const ConvWeights& w) {
+  WinogradWeights out;
+  out.u = w.winograd_u.data();
+  out.out_blocks = w.winograd_out_blocks;
+  out.scale = w.dense_scale.empty() ? nullptr : w.dense_scale.data();
+  out.bias = w.bias.data();
+  return out;
+}
+
+void run_winograd(const ConvGeometry& g, const ConvPlan& plan,
+                  const WinogradWeights& w, Activation activation,
+                  const detail::KernelTable& kernels, const float* input,
+                  float* output, int64_t out_plane, ThreadPool* pool) {
   const int64_t block_tiles = kernels.winograd_block_tiles;
 
   // The transformed input of the whole layer. Like the prepared input of
@@ -332,12 +348,12 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
   args.phase_w = plan.tiles_x + kernels.winograd_lanes;
   args.block_tiles = block_tiles;
   args.v = transformed.get();
-  args.u = w.winograd_u.data();
-  args.out_blocks = w.winograd_out_blocks;
-  args.scale = w.dense_scale.empty() ? nullptr : w.dense_scale.data();
-  args.bias = w.bias.data();
+  args.u = w.u;
+  args.out_blocks = w.out_blocks;
+  args.scale = w.scale;
+  args.bias = w.bias;
   args.output = output;
-  args.activation = activation_;
+  args.activation = activation;
 
   // The tiles past the last tile row fill the last block with zeros; the
   // input transform then writes the used tiles.
@@ -360,13 +376,13 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
   // Work items: chunks of output-channel blocks x groups of tile blocks,
   // at least 4 per thread where the layer has them.
   const int threads = pool != nullptr ? pool->num_threads() : 1;
-  const int64_t chunk = chunk_size(w.winograd_out_blocks,
+  const int64_t chunk = chunk_size(w.out_blocks,
                                    detail::kWinogradChunk, 2 * threads);
   const int64_t group = chunk_size(
       plan.tile_blocks, detail::kWinogradBlockGroup,
-      (4 * threads * chunk + w.winograd_out_blocks - 1) /
-          w.winograd_out_blocks);
-  const int64_t chunks = (w.winograd_out_blocks + chunk - 1) / chunk;
+      (4 * threads * chunk + w.out_blocks - 1) /
+          w.out_blocks);
+  const int64_t chunks = (w.out_blocks + chunk - 1) / chunk;
   const int64_t groups = (plan.tile_blocks + group - 1) / group;
   const int64_t scratch_out =
       36 * group * chunk * kernels.winograd_out_block * block_tiles;
@@ -379,7 +395,7 @@ void DenseConv2d::compute_winograd(const ConvPlan& plan, const float* input,
     const int64_t ob_begin = (item / groups) * chunk;
     kernels.winograd_block(
         args, block_begin, std::min(plan.tile_blocks, block_begin + group),
-        ob_begin, std::min(w.winograd_out_blocks, ob_begin + chunk),
+        ob_begin, std::min(w.out_blocks, ob_begin + chunk),
         scratch.data());
   });
 }

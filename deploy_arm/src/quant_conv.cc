@@ -225,7 +225,7 @@ QuantConv2d::~QuantConv2d() = default;
 
 Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
                            std::unique_ptr<QuantConv2d>* out,
-                           QuantKernel kernel) {
+                           QuantKernel kernel, int64_t winograd_max_bytes) {
   if (!isa_supported(isa)) {
     return Status(StatusCode::kUnsupported,
                   std::string("instruction set ") + isa_name(isa) +
@@ -237,6 +237,11 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
     return invalid("quantized kernel is " +
                    str(static_cast<int64_t>(kernel)) +
                    ", expected 0 (auto), 1 (accumulate) or 2 (lookup)");
+  }
+  if (winograd_max_bytes < 0) {
+    return invalid("winograd_max_bytes is " + str(winograd_max_bytes) +
+                   ", expected 0 (codebook kernels only) or a positive "
+                   "byte count");
   }
   try {
     std::vector<uint8_t> indices;
@@ -259,11 +264,26 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
     auto weights = std::make_unique<ConvWeights>();
     weights->scale.assign(desc.scale, desc.scale + g.out_channels);
     weights->bias.assign(desc.bias, desc.bias + g.out_channels);
+    const detail::KernelTable& kernels = detail::kernels_for(conv->isa_);
     if (kernel == QuantKernel::kAccumulate) {
       repack_accumulate(desc, indices, weights.get());
     } else {
-      repack_lookup(desc, indices, detail::kernels_for(conv->isa_),
-                    weights.get());
+      repack_lookup(desc, indices, kernels, weights.get());
+    }
+    if (winograd_max_bytes > 0 && winograd_geometry(g)) {
+      const int64_t block = kernels.winograd_out_block;
+      const int64_t out_blocks = (g.out_channels + block - 1) / block;
+      const int64_t bytes = 36 * out_blocks * block * g.in_channels *
+                            int64_t(sizeof(float));
+      if (bytes <= winograd_max_bytes) {
+        std::vector<float> decoded(indices.size());
+        for (size_t i = 0; i < indices.size(); ++i) {
+          decoded[i] = desc.codebook[indices[i]];
+        }
+        weights->winograd_out_blocks = out_blocks;
+        winograd_filters(g, decoded.data(), block, out_blocks,
+                         &weights->winograd_u);
+      }
     }
 
     conv->weights_ = std::move(weights);
@@ -275,7 +295,20 @@ Status QuantConv2d::create(const QuantConvDesc& desc, Isa isa,
   }
 }
 
+int64_t QuantConv2d::winograd_bytes() const {
+  return int64_t(weights_->winograd_u.size() * sizeof(float));
+}
+
+bool QuantConv2d::uses_winograd(int64_t height, int64_t width) const {
+  return !weights_->winograd_u.empty() &&
+         winograd_pays_off(geometry_, detail::kernels_for(isa_), height,
+                           width);
+}
+
 Status QuantConv2d::fill_plan(ConvPlan* plan) const {
+  if (uses_winograd(plan->height, plan->width)) {
+    return fill_winograd_plan(geometry_, detail::kernels_for(isa_), plan);
+  }
   if (kernel_ == QuantKernel::kLookup) {
     if (flat_geometry(geometry_) && weights_->out_block > 1) {
       make_flat_plan(geometry_, lanes_, tile_segments_, tail_segments_,
@@ -326,6 +359,16 @@ void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               float* output, int64_t out_plane,
                               ThreadPool* pool) const {
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
+  if (plan.winograd) {
+    WinogradWeights w;
+    w.u = weights_->winograd_u.data();
+    w.out_blocks = weights_->winograd_out_blocks;
+    w.scale = weights_->scale.data();
+    w.bias = weights_->bias.data();
+    run_winograd(geometry_, plan, w, activation_, kernels, input, output,
+                 out_plane, pool);
+    return;
+  }
   if (!plan.flat && depthwise_geometry(geometry_)) {
     DepthwiseWeights w;
     w.indices = weights_->block_indices.data();

@@ -456,6 +456,145 @@ void test_winograd(std::mt19937* rng) {
         "dense: algorithm 7 accepted");
 }
 
+// Quantized 3x3 stride-1 layers with Winograd filters of their decoded
+// weights. On shapes where Winograd pays off, every kernel, instruction
+// set and thread count must give the bits of a dense Winograd layer with
+// the decoded weights and the layer's scale and bias. On the others, they
+// must give the bits of the layer without Winograd filters. Also checks
+// the size cap and the layers that keep no filters.
+void test_quant_winograd(std::mt19937* rng) {
+  const struct {
+    const char* name;
+    int64_t in_channels, out_channels, pad, height, width;
+    int bits;
+  } cases[] = {
+      {"qwino_pad1", 8, 9, 1, 19, 23, 4},
+      {"qwino_no_pad", 12, 8, 0, 30, 18, 2},
+      {"qwino_square", 16, 16, 1, 52, 52, 8},
+      {"qwino_narrow_in", 5, 16, 1, 32, 32, 3},
+      {"qwino_small_input", 16, 8, 1, 3, 3, 4},
+  };
+  std::vector<Isa> isas = simd_isas();
+  isas.insert(isas.begin(), Isa::kScalar);
+  const int64_t no_limit = int64_t(1) << 40;
+  for (const auto& c : cases) {
+    ConvGeometry g;
+    g.in_channels = c.in_channels;
+    g.out_channels = c.out_channels;
+    g.kernel_h = g.kernel_w = 3;
+    g.pad_h = g.pad_w = c.pad;
+    const Activation activation =
+        static_cast<Activation>(c.bits % 3);
+    const QuantLayer layer =
+        testing::random_quant_layer(g, c.bits, 0.2, activation, rng);
+    const std::vector<float> input = testing::random_floats(
+        g.in_channels * c.height * c.width, -2.0f, 2.0f, rng);
+    const std::vector<float> weights = layer.decoded_weights();
+    DenseConvDesc dense;
+    dense.geometry = g;
+    dense.weights = weights.data();
+    dense.weights_size = static_cast<int64_t>(weights.size());
+    dense.bias = layer.bias.data();
+    dense.bias_size = g.out_channels;
+    dense.scale = layer.scale.data();
+    dense.scale_size = g.out_channels;
+    dense.activation = activation;
+    dense.algorithm = DenseAlgorithm::kWinograd;
+    std::unique_ptr<DenseConv2d> dense_conv;
+    Status status = DenseConv2d::create(dense, Isa::kScalar, &dense_conv);
+    check(status.ok(), std::string(c.name) + ": dense create failed: " +
+                           status.message());
+    if (!status.ok()) continue;
+    const std::vector<float> expected =
+        run_conv(*dense_conv, input, c.height, c.width, 1, c.name);
+    // Where Winograd pays off depends on the instruction set's tile block.
+    dense.algorithm = DenseAlgorithm::kAuto;
+
+    for (QuantKernel kernel : {QuantKernel::kLookup, QuantKernel::kAccumulate}) {
+      const std::string kernel_context =
+          std::string(c.name) + " kernel=" + quant_kernel_name(kernel);
+      std::unique_ptr<QuantConv2d> plain;
+      status = QuantConv2d::create(layer.desc(), Isa::kScalar, &plain, kernel);
+      check(status.ok(), kernel_context + ": create failed: " +
+                             status.message());
+      if (!status.ok()) continue;
+      const std::vector<float> codebook_result =
+          run_conv(*plain, input, c.height, c.width, 1, kernel_context);
+      for (Isa isa : isas) {
+        std::unique_ptr<DenseConv2d> auto_conv;
+        check(DenseConv2d::create(dense, isa, &auto_conv).ok(),
+              kernel_context + ": dense create failed");
+        const bool winograd = auto_conv->uses_winograd(c.height, c.width);
+        const std::vector<float>& reference =
+            winograd ? expected : codebook_result;
+        std::unique_ptr<QuantConv2d> conv;
+        status = QuantConv2d::create(layer.desc(), isa, &conv, kernel,
+                                     no_limit);
+        check(status.ok(), kernel_context + ": create failed: " +
+                               status.message());
+        if (!status.ok()) continue;
+        check(conv->winograd_bytes() > 0 &&
+                  conv->uses_winograd(c.height, c.width) == winograd,
+              kernel_context + ": expected Winograd filters, used " +
+                  (winograd ? "on" : "not on") + " this shape");
+        for (int threads : kThreads) {
+          const std::string run_context = kernel_context + " isa=" +
+                                          isa_name(isa) + " threads=" +
+                                          std::to_string(threads);
+          check_identical(
+              run_conv(*conv, input, c.height, c.width, threads, run_context),
+              reference,
+              run_context +
+                  (winograd ? " vs dense Winograd" : " vs codebook kernel"));
+        }
+      }
+    }
+  }
+
+  // The cap: filters of exactly the cap are kept, and one byte less keeps
+  // none. Strided layers and a cap of 0 keep none, and a negative cap
+  // fails.
+  ConvGeometry g;
+  g.in_channels = 16;
+  g.out_channels = 16;
+  g.kernel_h = g.kernel_w = 3;
+  g.pad_h = g.pad_w = 1;
+  const QuantLayer layer =
+      testing::random_quant_layer(g, 4, 0.2, Activation::kNone, rng);
+  std::unique_ptr<QuantConv2d> conv;
+  check(QuantConv2d::create(layer.desc(), Isa::kAuto, &conv,
+                            QuantKernel::kAuto, no_limit).ok(),
+        "quant winograd cap: create failed");
+  const int64_t bytes = conv->winograd_bytes();
+  check(bytes >= 36 * 16 * 16 * 4, "quant winograd cap: " +
+                                       std::to_string(bytes) +
+                                       " bytes of filters for 16x16 channels");
+  check(QuantConv2d::create(layer.desc(), Isa::kAuto, &conv,
+                            QuantKernel::kAuto, bytes).ok() &&
+            conv->winograd_bytes() == bytes,
+        "quant winograd cap: filters of exactly the cap not kept");
+  check(QuantConv2d::create(layer.desc(), Isa::kAuto, &conv,
+                            QuantKernel::kAuto, bytes - 1).ok() &&
+            conv->winograd_bytes() == 0 && !conv->uses_winograd(64, 64),
+        "quant winograd cap: filters over the cap kept");
+  check(QuantConv2d::create(layer.desc(), Isa::kAuto, &conv).ok() &&
+            conv->winograd_bytes() == 0,
+        "quant winograd: the default create keeps filters");
+  Status status = QuantConv2d::create(layer.desc(), Isa::kAuto, &conv,
+                                      QuantKernel::kAuto, -1);
+  check(status.code() == StatusCode::kInvalidArgument &&
+            status.message().find("winograd_max_bytes is -1") !=
+                std::string::npos,
+        "quant winograd: negative cap gave " + status.message());
+  g.stride_h = g.stride_w = 2;
+  const QuantLayer strided =
+      testing::random_quant_layer(g, 4, 0.2, Activation::kNone, rng);
+  check(QuantConv2d::create(strided.desc(), Isa::kAuto, &conv,
+                            QuantKernel::kAuto, no_limit).ok() &&
+            conv->winograd_bytes() == 0,
+        "quant winograd: a strided layer keeps Winograd filters");
+}
+
 // A layer run on alternating input shapes must match a fresh layer's
 // result for each shape (the layer caches a plan per recent shape).
 void test_shape_change(std::mt19937* rng) {
@@ -1166,6 +1305,7 @@ int main() {
   test_quant_kernels(&rng);
   test_dense_kernels(&rng);
   test_winograd(&rng);
+  test_quant_winograd(&rng);
   test_shape_change(&rng);
   test_depthwise_padding_reuse(&rng);
   test_views(&rng);

@@ -4,6 +4,7 @@
 //               [--dump-input tensor.bin] [--repeat R] [--warmup W]
 //               [--profile] [--dense-algorithm auto|direct]
 //               [--isa auto|scalar|avx2|avx512|neon] [--chain-band KIB]
+//               [--quant-winograd KIB]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -17,7 +18,10 @@
 // kernels' instruction set (ModelOptions::isa); one the build or the CPU
 // lacks is an error. --chain-band sets the working set of a band of a
 // conv chain in KiB (ModelOptions::chain_band_bytes; 0 runs every conv on
-// its whole input). --dump-input writes the
+// its whole input). --quant-winograd sets the largest Winograd filters,
+// in KiB, that a quantized 3x3 stride-1 layer keeps
+// (ModelOptions::quant_winograd_max_bytes; 0 runs the codebook kernels
+// only). --dump-input writes the
 // network input (after resizing, channel order, normalisation and padding)
 // as a tensor file before detection runs.
 #include <fcntl.h>
@@ -285,6 +289,7 @@ int usage(FILE* stream = stderr, int code = 2) {
                "[--dump-input tensor.bin]\n"
                "                   [--isa auto|scalar|avx2|avx512|neon] "
                "[--chain-band KIB]\n"
+               "                   [--quant-winograd KIB]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
                "--threads: conv threads (default 1); --repeat: time R "
                "detect runs after W\n"
@@ -304,7 +309,12 @@ int usage(FILE* stream = stderr, int code = 2) {
                "chain in KiB\n"
                "  (default 1024, about a core's L2 cache); 0 runs each conv "
                "on its whole input.\n"
-               "  It changes speed, not results.\n");
+               "  It changes speed, not results.\n"
+               "--quant-winograd: largest Winograd filters a quantized 3x3 "
+               "stride-1 layer keeps\n"
+               "  and runs on its decoded weights, in KiB (default 1024); 0 "
+               "runs the codebook\n"
+               "  kernels only\n");
   return code;
 }
 
@@ -318,6 +328,7 @@ int fail(const Status& s) {
 int main(int argc, char** argv) {
   std::vector<std::string> positional;
   int threads = 1, repeat = 0, warmup = 1, chain_band_kib = 1024;
+  int quant_winograd_kib = 1024;
   bool profile = false;
   std::string output, dump_input;
   dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
@@ -350,6 +361,8 @@ int main(int argc, char** argv) {
     else if (arg == "--profile") profile = true;
     else if (arg == "--chain-band")
       chain_band_kib = integer("--chain-band", 0, 1 << 20);
+    else if (arg == "--quant-winograd")
+      quant_winograd_kib = integer("--quant-winograd", 0, 1 << 20);
     else if (arg == "--dense-algorithm") {
       const std::string name = value("--dense-algorithm");
       if (name == "auto") {
@@ -423,6 +436,7 @@ int main(int argc, char** argv) {
   options.dense_algorithm = dense_algorithm;
   options.isa = isa;
   options.chain_band_bytes = int64_t(chain_band_kib) * 1024;
+  options.quant_winograd_max_bytes = int64_t(quant_winograd_kib) * 1024;
   std::unique_ptr<dgms_rt::Model> model;
   const auto load_start = std::chrono::steady_clock::now();
   Status s = dgms_rt::Model::load_file(positional[0], options, &model);
@@ -474,21 +488,37 @@ int main(int argc, char** argv) {
 
   if (profile) {
     std::vector<dgms_rt::Model::NodeTime> node_times;
+    const auto graph_start = std::chrono::steady_clock::now();
     s = model->profile_graph("main", {tensor}, &node_times);
+    const double graph_ms = std::chrono::duration<double, std::milli>(
+                                std::chrono::steady_clock::now() - graph_start)
+                                .count();
     if (!s.ok()) return fail(s);
     std::map<std::string, std::pair<double, int>> by_op;
     double total = 0;
+    int concurrent = 0;
     for (const auto& t : node_times) {
       by_op[t.op].first += t.ms;
       by_op[t.op].second += 1;
       total += t.ms;
+      concurrent += t.concurrent ? 1 : 0;
     }
     std::vector<std::pair<double, std::string>> rows;
     for (const auto& entry : by_op)
       rows.emplace_back(entry.second.first, entry.first);
     std::sort(rows.rbegin(), rows.rend());
-    std::fprintf(stderr, "dgms_detect: main graph %.2f ms by operator:\n",
-                 total);
+    if (concurrent > 0) {
+      // Node times of concurrent nodes overlap, so they add up to more
+      // than the graph's time.
+      std::fprintf(stderr,
+                   "dgms_detect: main graph %.2f ms; %d nodes ran "
+                   "concurrently with others, so node times add up to "
+                   "%.2f ms. By operator:\n",
+                   graph_ms, concurrent, total);
+    } else {
+      std::fprintf(stderr, "dgms_detect: main graph %.2f ms by operator:\n",
+                   total);
+    }
     for (const auto& row : rows)
       std::fprintf(stderr, "  %-24s %4d nodes %9.2f ms %5.1f%%\n",
                    row.second.c_str(), by_op[row.second].second, row.first,

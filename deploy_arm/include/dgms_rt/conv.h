@@ -236,14 +236,25 @@ class Conv2d {
 };
 
 // Quantized conv with codebook kernels (see QuantKernel).
+//
+// A 3x3 stride-1 layer without groups or dilation can also keep the
+// Winograd transform of its decoded weights (codebook[index]), which
+// takes 36 floats per filter and input channel instead of 9 indices.
+// create() builds it when winograd_max_bytes is positive and the
+// transformed filters take at most that many bytes; runs then use it on
+// the input shapes where DenseAlgorithm::kAuto would (see DenseConv2d) and
+// the codebook kernel on the others. Winograd rounds differently from the
+// direct kernels (see docs/deploy_arm.md).
 class QuantConv2d : public Conv2d {
  public:
   // Validates desc and repacks it for the chosen kernel. isa kAuto picks
   // the fastest supported instruction set; an explicit isa that is not
-  // supported returns kUnsupported.
+  // supported returns kUnsupported. A negative winograd_max_bytes returns
+  // kInvalidArgument.
   static Status create(const QuantConvDesc& desc, Isa isa,
                        std::unique_ptr<QuantConv2d>* out,
-                       QuantKernel kernel = QuantKernel::kAuto);
+                       QuantKernel kernel = QuantKernel::kAuto,
+                       int64_t winograd_max_bytes = 0);
   ~QuantConv2d() override;
 
   // The kernel in use (never kAuto).
@@ -251,6 +262,10 @@ class QuantConv2d : public Conv2d {
   int bits() const { return bits_; }
   // Fraction of weights with index 0 (pruned, skipped by the kernels).
   double sparsity() const { return sparsity_; }
+  // Bytes of the layer's Winograd filters, 0 when it keeps none.
+  int64_t winograd_bytes() const;
+  // Whether a run on this input shape uses Winograd.
+  bool uses_winograd(int64_t height, int64_t width) const;
 
  protected:
   Status fill_plan(ConvPlan* plan) const override;
@@ -301,9 +316,6 @@ class DenseConv2d : public Conv2d {
                    int64_t out_plane, ThreadPool* pool) const override;
 
  private:
-  void compute_winograd(const ConvPlan& plan, const float* input,
-                        float* output, int64_t out_plane,
-                        ThreadPool* pool) const;
   detail::DenseKernelArgs dense_args(const ConvPlan& plan,
                                      const float* prepared, float* output,
                                      int64_t out_plane) const;

@@ -37,12 +37,26 @@ struct PreprocessSettings {
 };
 
 struct ModelOptions {
+  // Threads of the conv kernels and the executor. With 2 or more, a run of
+  // conv nodes that do not all depend on each other (the FPN outputs and
+  // the head's branches) can run as a task graph, each node on one thread.
+  // It does where no chain of dependent nodes takes more than 1.25 times a
+  // thread's share of the estimated work (kSectionSlack in model.cc).
+  // Other nodes split their work over all threads.
+  // Results are the same bits for every thread count.
   int threads = 1;
   Isa isa = Isa::kAuto;
   QuantKernel quant_kernel = QuantKernel::kAuto;
   // Full-precision 3x3 stride-1 layers: kAuto runs Winograd where it is
   // faster (see DenseConv2d), kDirect saves its 4x filter memory.
   DenseAlgorithm dense_algorithm = DenseAlgorithm::kAuto;
+  // Quantized 3x3 stride-1 layers whose Winograd filters take at most this
+  // many bytes keep them and run Winograd where the full-precision layers
+  // would (see QuantConv2d), on the decoded weights: faster, at 36 floats
+  // per filter and input channel of memory. 0 runs the codebook kernels
+  // only, and a negative value fails the load. The default takes in
+  // 64-channel layers (576 KiB each).
+  int64_t quant_winograd_max_bytes = int64_t(1) << 20;
   // Working-set size of a band of a conv chain, in bytes. A chain is a
   // depthwise conv with a 1x1 conv after it and optionally one before it
   // (MobileNetV2's inverted residual block). Where its expanded tensor
@@ -89,6 +103,9 @@ class Model {
     std::string op;     // e.g. "conv2d 3x3 q4" (q<bits> or f32), "add"
     std::string layer;  // layer name for conv2d and linear, else empty
     double ms = 0.0;
+    // The node ran on one thread while other nodes of its section ran on
+    // the others (see ModelOptions::threads), so its time overlaps theirs.
+    bool concurrent = false;
   };
   // Runs graph `name` like run_graph and reports the time of each node.
   Status profile_graph(const std::string& name,

@@ -55,12 +55,24 @@ struct NodeData {
   int64_t scale[2] = {1, 1};
 };
 
+// A run of consecutive conv2d nodes [begin, end) in which some nodes do
+// not depend on each other, so that they can run at the same time on
+// different threads (see the executor in model.cc). waits_for[j] lists the
+// nodes of the run whose outputs node begin + j reads, as offsets from
+// begin.
+struct NodeSection {
+  int begin = 0;
+  int end = 0;
+  std::vector<std::vector<int>> waits_for;
+};
+
 struct GraphData {
   std::vector<int> inputs;                               // value ids
   std::vector<NodeData> nodes;
   std::vector<std::pair<std::string, int>> outputs;      // name, value id
   int num_values = 0;
   std::vector<int> last_use;  // per value: last node index reading it
+  std::vector<NodeSection> sections;  // by begin; set by the executor
 };
 
 struct PackedContent {
