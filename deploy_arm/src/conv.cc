@@ -224,7 +224,16 @@ void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
   const int64_t segments =
       plan.out_h * ((plan.out_w + kernels.lanes - 1) / kernels.lanes);
   const detail::PlaneLayout layout = plane_layout(g, plan);
-  run_parallel(pool, g.groups, [&](int64_t c) {
+  // Work items of whole channels with about 4096 outputs, at least 4 per
+  // thread. With one channel per item, handing out an item cost about as
+  // much as computing a small one: 960 channels of 13 x 13 took 0.113 ms
+  // on one thread and 0.100 ms on two, and take 0.061 ms on two now.
+  const int threads = pool != nullptr ? pool->num_threads() : 1;
+  const int64_t outputs = std::max<int64_t>(1, plan.out_h * plan.out_w);
+  const int64_t channels_per_item = chunk_size(
+      g.groups, std::max<int64_t>(1, 4096 / outputs), 4 * threads);
+  const int64_t items = (g.groups + channels_per_item - 1) / channels_per_item;
+  const auto run_channel = [&](int64_t c) {
     // The padding of the layout last prepared in the buffer stays zero:
     // the kernels write only its data.
     thread_local std::vector<float> prepared;
@@ -256,6 +265,10 @@ void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
     args.bias = weights.bias[c];
     args.activation = activation;
     kernels.depthwise(args);
+  };
+  run_parallel(pool, items, [&](int64_t item) {
+    const int64_t end = std::min(g.groups, (item + 1) * channels_per_item);
+    for (int64_t c = item * channels_per_item; c < end; ++c) run_channel(c);
   });
 }
 

@@ -506,6 +506,9 @@ void chunk_of_size(const Args& args, const Segment* first, int64_t tiles,
     } else if (args.taps == 24) {
       chunk_body<Ops, kTile, kOutBlock, Args, kAct, 24>(
           args, first, tiles, block_begin, block_end);
+    } else if (args.taps == 27) {
+      chunk_body<Ops, kTile, kOutBlock, Args, kAct, 27>(
+          args, first, tiles, block_begin, block_end);
     } else {
       chunk_body<Ops, kTile, kOutBlock, Args, kAct, 0>(
           args, first, tiles, block_begin, block_end);
