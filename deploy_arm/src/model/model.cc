@@ -735,8 +735,8 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  static Status run_resize(const NodeData& node, const Tensor& x,
-                           const Tensor* ref, BufferPool* buffers, Tensor* y) {
+  Status run_resize(const NodeData& node, const Tensor& x, const Tensor* ref,
+                    BufferPool* buffers, Tensor* y) const {
     if (x.shape.size() != 4)
       return invalid("expects an (N, C, H, W) input, got " +
                      x.shape_string());
@@ -764,15 +764,25 @@ class ModelImpl {
     std::vector<int64_t> src_x(static_cast<size_t>(ow));
     for (int64_t j = 0; j < ow; ++j)
       src_x[size_t(j)] = std::min(int64_t(std::floor(float(j) * sw)), w - 1);
+    // Work items of whole planes with about 16384 outputs, at least one
+    // per thread.
     const int64_t planes = x.shape[0] * x.shape[1];
-    for (int64_t p = 0; p < planes; ++p)
-      for (int64_t i = 0; i < oh; ++i) {
-        const int64_t iy = std::min(int64_t(std::floor(float(i) * sh)),
-                                    h - 1);
-        const float* in = x.data.data() + (p * h + iy) * w;
-        float* out = y->data.data() + (p * oh + i) * ow;
-        for (int64_t j = 0; j < ow; ++j) out[j] = in[src_x[size_t(j)]];
+    const int64_t threads = pool->num_threads();
+    const int64_t per_item = std::max<int64_t>(
+        1, std::min(16384 / std::max<int64_t>(1, oh * ow),
+                    (planes + threads - 1) / threads));
+    pool->parallel_for((planes + per_item - 1) / per_item, [&](int64_t item) {
+      const int64_t end = std::min(planes, (item + 1) * per_item);
+      for (int64_t p = item * per_item; p < end; ++p) {
+        for (int64_t i = 0; i < oh; ++i) {
+          const int64_t iy = std::min(int64_t(std::floor(float(i) * sh)),
+                                      h - 1);
+          const float* in = x.data.data() + (p * h + iy) * w;
+          float* out = y->data.data() + (p * oh + i) * ow;
+          for (int64_t j = 0; j < ow; ++j) out[j] = in[src_x[size_t(j)]];
+        }
       }
+    });
     return Status::Ok();
   }
 
