@@ -520,8 +520,9 @@ void chunk_of_size(const Args& args, const Segment* first, int64_t tiles,
 // The tiles [tile_begin, tile_end) of a plan whose tiles from
 // args.full_tiles on have kTile - 1 segments (see ConvPlan::full_tiles).
 template <class Ops, int kTile, int kOutBlock, class Args>
-void chunk_tiles(const Args& args, int64_t tile_begin, int64_t tile_end,
-                 int64_t block_begin, int64_t block_end) {
+void chunk_tiles(const Args& shared_args, int64_t tile_begin,
+                 int64_t tile_end, int64_t block_begin, int64_t block_end) {
+  const Args args = shared_args;
   const int64_t full = args.full_tiles;
   if (tile_begin < full) {
     chunk_of_size<Ops, kTile, kOutBlock>(

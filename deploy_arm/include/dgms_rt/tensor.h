@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstddef>
 #include <memory>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -11,10 +13,14 @@ namespace dgms_rt {
 
 // An allocator that leaves new floats uninitialised: resize() on a
 // FloatVector does not zero-fill, so the executor can reuse a tensor's
-// buffer for a larger tensor without writing it twice. Everything else
-// behaves as std::allocator.
+// buffer for a larger tensor without writing it twice. Its buffers start
+// on a 64-byte cache line. So do a tensor's channel planes where their
+// size is a multiple of 16 floats, and threads that write neighbouring
+// parts of a plane share fewer lines. Everything else behaves as
+// std::allocator.
 template <class T>
 struct UninitializedAllocator : std::allocator<T> {
+  static constexpr std::align_val_t kAlignment{64};
   template <class U>
   struct rebind {
     using other = UninitializedAllocator<U>;
@@ -22,6 +28,13 @@ struct UninitializedAllocator : std::allocator<T> {
   UninitializedAllocator() = default;
   template <class U>
   UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    if (n > std::size_t(-1) / sizeof(T)) throw std::bad_array_new_length();
+    return static_cast<T*>(::operator new(n * sizeof(T), kAlignment));
+  }
+  void deallocate(T* p, std::size_t) noexcept {
+    ::operator delete(p, kAlignment);
+  }
   template <class U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;

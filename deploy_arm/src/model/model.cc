@@ -981,15 +981,26 @@ class ModelImpl {
     bool failed = false;
     pool->parallel_for(threads, [&](int64_t) {
       std::unique_lock<std::mutex> lock(mutex);
+      int last = -1;  // the node this thread ran last
       while (unstarted > 0 && !failed) {
         if (ready.empty()) {
           changed.wait(lock);
           continue;
         }
+        // A reader of the last node's output finds it in this core's
+        // cache, so it goes first; then the most work on the path.
+        const auto rank = [&](int a) {
+          const bool local =
+              last >= 0 && std::find(readers[size_t(last)].begin(),
+                                     readers[size_t(last)].end(),
+                                     a) != readers[size_t(last)].end();
+          return std::make_pair(local, path[size_t(a)]);
+        };
         auto best = std::max_element(
             ready.begin(), ready.end(),
-            [&](int a, int b) { return path[size_t(a)] < path[size_t(b)]; });
+            [&](int a, int b) { return rank(a) < rank(b); });
         const int j = *best;
+        last = j;
         ready.erase(best);
         if (--unstarted == 0) changed.notify_all();
         lock.unlock();
