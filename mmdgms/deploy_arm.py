@@ -58,6 +58,11 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
                                     ctypes.POINTER(ctypes.c_void_p)]
     lib.dgms_model_load_buffer.argtypes = [
         ctypes.c_char_p, i64, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    lib.dgms_model_load_ex.argtypes = [
+        ctypes.c_char_p, ctypes.c_int, i64, ctypes.POINTER(ctypes.c_void_p)]
+    lib.dgms_model_load_buffer_ex.argtypes = [
+        ctypes.c_char_p, i64, ctypes.c_int, i64,
+        ctypes.POINTER(ctypes.c_void_p)]
     lib.dgms_model_destroy.argtypes = [ctypes.c_void_p]
     lib.dgms_model_kind.argtypes = [ctypes.c_void_p]
     lib.dgms_model_kind.restype = ctypes.c_char_p
@@ -100,21 +105,41 @@ class RuntimeDetector:
         threads: threads of the runtime's convolutions.
         library: path of libdgms_model_c.so (default: see module doc).
         max_detections: capacity of the result buffer per image.
+        quant_winograd_max_bytes: largest Winograd filters, in bytes, that
+            a quantized 3x3 stride-1 layer keeps and runs on its decoded
+            weights; 0 runs the codebook kernels only. None keeps the
+            runtime's default (1 MiB).
     """
 
     def __init__(self, source, threads: int = 1,
                  library: Optional[str] = None,
-                 max_detections: int = 100000):
+                 max_detections: int = 100000,
+                 quant_winograd_max_bytes: Optional[int] = None):
+        if quant_winograd_max_bytes is not None and (
+                isinstance(quant_winograd_max_bytes, bool)
+                or not isinstance(quant_winograd_max_bytes, int)):
+            raise ValueError('quant_winograd_max_bytes is '
+                             f'{quant_winograd_max_bytes!r}, expected a '
+                             'whole number of bytes or None')
         self.lib = load_library(library)
         self.max_detections = max_detections
         handle = ctypes.c_void_p()
         if isinstance(source, (bytes, bytearray)):
-            status = self.lib.dgms_model_load_buffer(bytes(source),
-                                                     len(source), threads,
-                                                     ctypes.byref(handle))
-        else:
+            if quant_winograd_max_bytes is None:
+                status = self.lib.dgms_model_load_buffer(
+                    bytes(source), len(source), threads,
+                    ctypes.byref(handle))
+            else:
+                status = self.lib.dgms_model_load_buffer_ex(
+                    bytes(source), len(source), threads,
+                    quant_winograd_max_bytes, ctypes.byref(handle))
+        elif quant_winograd_max_bytes is None:
             status = self.lib.dgms_model_load(str(source).encode(), threads,
                                               ctypes.byref(handle))
+        else:
+            status = self.lib.dgms_model_load_ex(
+                str(source).encode(), threads, quant_winograd_max_bytes,
+                ctypes.byref(handle))
         if status != 0:
             raise RuntimeFailure(self.lib.dgms_model_last_error().decode())
         self.handle = handle

@@ -168,17 +168,49 @@ def test_detect_rejects_bad_arguments(packed):
         runtime.detect(image, (128, 128), (1.0, 1.0))
 
 
-def test_thread_counts_agree(packed):
+def first_image(packed):
+    """The first test image as the runtime takes it: (image, data sample)."""
     config, _, path = packed
     reference, _ = load_packed_detector(str(path))
     batch = first_batches(config, 1)[0]
     data = reference.data_preprocessor(batch, False)
-    image = data['inputs'][0].numpy()
-    sample = data['data_samples'][0]
+    return data['inputs'][0].numpy(), data['data_samples'][0]
+
+
+def test_thread_counts_agree(packed):
+    path = packed[2]
+    image, sample = first_image(packed)
     results = [RuntimeDetector(path, threads=n).detect(
         image, sample.img_shape, sample.scale_factor) for n in (1, 3)]
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_binding_quant_winograd_option(packed):
+    """RuntimeDetector's quant_winograd_max_bytes: 0 runs the codebook
+    kernels. Their detections differ from the default's (Winograd on the
+    quantized 3x3 layers) but stay within the tolerance. Bad values are
+    rejected with their value in the message."""
+    path = packed[2]
+    image, sample = first_image(packed)
+    default = RuntimeDetector(path).detect(image, sample.img_shape,
+                                           sample.scale_factor)
+    codebook = RuntimeDetector(path, quant_winograd_max_bytes=0).detect(
+        image, sample.img_shape, sample.scale_factor)
+    same_cap = RuntimeDetector(path.read_bytes(),
+                               quant_winograd_max_bytes=1 << 20).detect(
+        image, sample.img_shape, sample.scale_factor)
+    for a, b in zip(default, same_cap):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(codebook[1][:TOP], default[1][:TOP],
+                               atol=1e-4)
+    np.testing.assert_allclose(codebook[0][:TOP], default[0][:TOP],
+                               atol=1e-2)
+    assert not np.array_equal(codebook[1], default[1])
+    with pytest.raises(RuntimeFailure, match='quant_winograd_max_bytes is -1'):
+        RuntimeDetector(path, quant_winograd_max_bytes=-1)
+    with pytest.raises(ValueError, match="quant_winograd_max_bytes is '1k'"):
+        RuntimeDetector(path, quant_winograd_max_bytes='1k')
 
 
 def test_map_through_runtime_equals_pytorch(packed, tmp_path):

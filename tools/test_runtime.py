@@ -31,6 +31,11 @@ def parse_args(argv=None):
     parser.add_argument('packed', help='packed file written by tools/pack.py')
     parser.add_argument('--threads', type=int, default=1,
                         help='threads of the runtime (default: 1)')
+    parser.add_argument('--quant-winograd', type=int, metavar='KIB',
+                        help='largest Winograd filters, in KiB, that a '
+                        'quantized 3x3 stride-1 layer keeps and runs on its '
+                        'decoded weights; 0 runs the codebook kernels only '
+                        '(default: the runtime\'s, 1024)')
     parser.add_argument('--library',
                         help='path of libdgms_model_c.so (default: build '
                         'deploy_arm/ with CMake)')
@@ -54,6 +59,10 @@ def main(argv=None) -> None:
     if not 1 <= args.threads <= 256:
         raise SystemExit(f'error: --threads is {args.threads}, expected 1 '
                          'to 256')
+    if args.quant_winograd is not None and not (
+            0 <= args.quant_winograd <= 1 << 20):
+        raise SystemExit(f'error: --quant-winograd is {args.quant_winograd}, '
+                         'expected 0 to 1048576 KiB')
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
@@ -62,7 +71,11 @@ def main(argv=None) -> None:
         # The Python detector supplies the data preprocessor; its predict
         # is replaced by the runtime below.
         model, packed = load_packed_detector(args.packed)
-        runtime = RuntimeDetector(args.packed, args.threads, args.library)
+        runtime = RuntimeDetector(
+            args.packed, args.threads, args.library,
+            quant_winograd_max_bytes=(
+                None if args.quant_winograd is None
+                else args.quant_winograd * 1024))
     except (PackedFormatError, RuntimeFailure) as error:
         raise SystemExit(f'error: {error}') from None
     _check_classes(cfg, packed.meta.get('classes'), args.packed)

@@ -22,6 +22,17 @@ dgms_model_status dgms_model_load(const char* path, int threads,
                                   dgms_model** out);
 dgms_model_status dgms_model_load_buffer(const uint8_t* data, int64_t size,
                                          int threads, dgms_model** out);
+/* The same with the largest Winograd filters, in bytes, that a quantized
+ * 3x3 stride-1 layer keeps (ModelOptions::quant_winograd_max_bytes, whose
+ * default the two functions above use): 0 runs the codebook kernels only,
+ * and a negative value fails the load. */
+dgms_model_status dgms_model_load_ex(const char* path, int threads,
+                                     int64_t quant_winograd_max_bytes,
+                                     dgms_model** out);
+dgms_model_status dgms_model_load_buffer_ex(const uint8_t* data, int64_t size,
+                                            int threads,
+                                            int64_t quant_winograd_max_bytes,
+                                            dgms_model** out);
 void dgms_model_destroy(dgms_model* model);
 
 /* "single_stage" or "two_stage" (valid until destroy). */

@@ -36,13 +36,15 @@ extern "C" {
 
 const char* dgms_model_last_error(void) { return last_error.c_str(); }
 
-dgms_model_status dgms_model_load(const char* path, int threads,
-                                  dgms_model** out) {
+dgms_model_status dgms_model_load_ex(const char* path, int threads,
+                                     int64_t quant_winograd_max_bytes,
+                                     dgms_model** out) {
   if (path == nullptr || out == nullptr)
     return report(dgms_rt::Status(dgms_rt::StatusCode::kInvalidArgument,
                                   "path and out must not be null"));
   dgms_rt::ModelOptions options;
   options.threads = threads;
+  options.quant_winograd_max_bytes = quant_winograd_max_bytes;
   std::unique_ptr<dgms_rt::Model> model;
   try {
     dgms_rt::Status status = dgms_rt::Model::load_file(path, options, &model);
@@ -53,13 +55,23 @@ dgms_model_status dgms_model_load(const char* path, int threads,
   }
 }
 
-dgms_model_status dgms_model_load_buffer(const uint8_t* data, int64_t size,
-                                         int threads, dgms_model** out) {
+dgms_model_status dgms_model_load(const char* path, int threads,
+                                  dgms_model** out) {
+  return dgms_model_load_ex(path, threads,
+                            dgms_rt::ModelOptions().quant_winograd_max_bytes,
+                            out);
+}
+
+dgms_model_status dgms_model_load_buffer_ex(const uint8_t* data, int64_t size,
+                                            int threads,
+                                            int64_t quant_winograd_max_bytes,
+                                            dgms_model** out) {
   if ((data == nullptr && size != 0) || size < 0 || out == nullptr)
     return report(dgms_rt::Status(dgms_rt::StatusCode::kInvalidArgument,
                                   "data, size or out is invalid"));
   dgms_rt::ModelOptions options;
   options.threads = threads;
+  options.quant_winograd_max_bytes = quant_winograd_max_bytes;
   std::unique_ptr<dgms_rt::Model> model;
   try {
     dgms_rt::Status status = dgms_rt::Model::load_buffer(
@@ -69,6 +81,13 @@ dgms_model_status dgms_model_load_buffer(const uint8_t* data, int64_t size,
     return report(dgms_rt::Status(dgms_rt::StatusCode::kOutOfMemory,
                                   "out of memory loading the model"));
   }
+}
+
+dgms_model_status dgms_model_load_buffer(const uint8_t* data, int64_t size,
+                                         int threads, dgms_model** out) {
+  return dgms_model_load_buffer_ex(
+      data, size, threads, dgms_rt::ModelOptions().quant_winograd_max_bytes,
+      out);
 }
 
 void dgms_model_destroy(dgms_model* model) { delete model; }
