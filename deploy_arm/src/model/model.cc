@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <new>
 
 #include "loader.h"
 #include "ops.h"
@@ -1007,8 +1008,15 @@ class ModelImpl {
         const NodeData& node = graph.nodes[size_t(section.begin + j)];
         Tensor y;
         const auto start = std::chrono::steady_clock::now();
-        Status s = run_conv(node, (*values)[size_t(node.inputs[0])], buffers,
-                            &y, nullptr);
+        Status s;
+        // A pool thread must not throw (see ThreadPool::parallel_for).
+        try {
+          s = run_conv(node, (*values)[size_t(node.inputs[0])], buffers, &y,
+                       nullptr);
+        } catch (const std::bad_alloc&) {
+          s = Status(StatusCode::kOutOfMemory,
+                     "out of memory running layer " + node_layers(node));
+        }
         ms[size_t(j)] = std::chrono::duration<double, std::milli>(
                             std::chrono::steady_clock::now() - start).count();
         if (s.ok()) (*values)[size_t(node.output)] = std::move(y);
