@@ -97,6 +97,10 @@ def _pair(name: str, values, integral: bool) -> tuple:
     return tuple(result)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class RuntimeDetector:
     """A packed single-stage detector running in the C++ runtime.
 
@@ -115,12 +119,16 @@ class RuntimeDetector:
                  library: Optional[str] = None,
                  max_detections: int = 100000,
                  quant_winograd_max_bytes: Optional[int] = None):
+        if not _is_int(threads) or not 1 <= threads <= 256:
+            raise ValueError(f'threads is {threads!r}, expected an integer '
+                             'from 1 to 256')
         if quant_winograd_max_bytes is not None and (
-                isinstance(quant_winograd_max_bytes, bool)
-                or not isinstance(quant_winograd_max_bytes, int)):
+                not _is_int(quant_winograd_max_bytes)
+                or not 0 <= quant_winograd_max_bytes < 1 << 62):
             raise ValueError('quant_winograd_max_bytes is '
                              f'{quant_winograd_max_bytes!r}, expected a '
-                             'whole number of bytes or None')
+                             'byte count from 0 (codebook kernels only) to '
+                             '2**62, or None for the default')
         self.lib = load_library(library)
         self.max_detections = max_detections
         handle = ctypes.c_void_p()

@@ -189,8 +189,8 @@ def test_thread_counts_agree(packed):
 def test_binding_quant_winograd_option(packed):
     """RuntimeDetector's quant_winograd_max_bytes: 0 runs the codebook
     kernels. Their detections differ from the default's (Winograd on the
-    quantized 3x3 layers) but stay within the tolerance. Bad values are
-    rejected with their value in the message."""
+    quantized 3x3 layers) but stay within the tolerance. Bad values of it
+    and of threads are rejected with their value in the message."""
     path = packed[2]
     image, sample = first_image(packed)
     default = RuntimeDetector(path).detect(image, sample.img_shape,
@@ -207,10 +207,13 @@ def test_binding_quant_winograd_option(packed):
     np.testing.assert_allclose(codebook[0][:TOP], default[0][:TOP],
                                atol=1e-2)
     assert not np.array_equal(codebook[1], default[1])
-    with pytest.raises(RuntimeFailure, match='quant_winograd_max_bytes is -1'):
-        RuntimeDetector(path, quant_winograd_max_bytes=-1)
-    with pytest.raises(ValueError, match="quant_winograd_max_bytes is '1k'"):
-        RuntimeDetector(path, quant_winograd_max_bytes='1k')
+    for bad in (-1, 1 << 63, '1k', 1.5, True):
+        with pytest.raises(ValueError,
+                           match=f'quant_winograd_max_bytes is {bad!r}'):
+            RuntimeDetector(path, quant_winograd_max_bytes=bad)
+    for bad in (0, '2', 257):
+        with pytest.raises(ValueError, match=f'threads is {bad!r}'):
+            RuntimeDetector(path, threads=bad)
 
 
 def test_map_through_runtime_equals_pytorch(packed, tmp_path):

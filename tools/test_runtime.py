@@ -35,7 +35,7 @@ def parse_args(argv=None):
                         help='largest Winograd filters, in KiB, that a '
                         'quantized 3x3 stride-1 layer keeps and runs on its '
                         'decoded weights; 0 runs the codebook kernels only '
-                        '(default: the runtime\'s, 1024)')
+                        '(0 to 1048576; default: the runtime\'s, 1024)')
     parser.add_argument('--library',
                         help='path of libdgms_model_c.so (default: build '
                         'deploy_arm/ with CMake)')
@@ -46,7 +46,15 @@ def parse_args(argv=None):
                         help='also dump the raw detections to this .pkl file')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Out-of-range values are command-line errors, like unparsable ones.
+    if not 1 <= args.threads <= 256:
+        parser.error(f'--threads is {args.threads}, expected 1 to 256')
+    if args.quant_winograd is not None and not (
+            0 <= args.quant_winograd <= 1 << 20):
+        parser.error(f'--quant-winograd is {args.quant_winograd}, expected '
+                     '0 to 1048576 KiB')
+    return args
 
 
 def main(argv=None) -> None:
@@ -56,13 +64,6 @@ def main(argv=None) -> None:
             raise SystemExit(f'error: {kind} file not found: {path}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise SystemExit(f'error: --out must end with .pkl, got {args.out}')
-    if not 1 <= args.threads <= 256:
-        raise SystemExit(f'error: --threads is {args.threads}, expected 1 '
-                         'to 256')
-    if args.quant_winograd is not None and not (
-            0 <= args.quant_winograd <= 1 << 20):
-        raise SystemExit(f'error: --quant-winograd is {args.quant_winograd}, '
-                         'expected 0 to 1048576 KiB')
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:

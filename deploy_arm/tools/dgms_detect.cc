@@ -312,9 +312,9 @@ int usage(FILE* stream = stderr, int code = 2) {
                "  It changes speed, not results.\n"
                "--quant-winograd: largest Winograd filters a quantized 3x3 "
                "stride-1 layer keeps\n"
-               "  and runs on its decoded weights, in KiB (default 1024); 0 "
-               "runs the codebook\n"
-               "  kernels only\n");
+               "  and runs on its decoded weights, in KiB (0 to 1048576, "
+               "default 1024); 0 runs\n"
+               "  the codebook kernels only\n");
   return code;
 }
 
