@@ -132,22 +132,20 @@ class RuntimeDetector:
         self.lib = load_library(library)
         self.max_detections = max_detections
         handle = ctypes.c_void_p()
+        # The _ex loaders take the cap after `threads`; the others use the
+        # runtime's default.
+        cap = () if quant_winograd_max_bytes is None else (
+            quant_winograd_max_bytes, )
         if isinstance(source, (bytes, bytearray)):
-            if quant_winograd_max_bytes is None:
-                status = self.lib.dgms_model_load_buffer(
-                    bytes(source), len(source), threads,
-                    ctypes.byref(handle))
-            else:
-                status = self.lib.dgms_model_load_buffer_ex(
-                    bytes(source), len(source), threads,
-                    quant_winograd_max_bytes, ctypes.byref(handle))
-        elif quant_winograd_max_bytes is None:
-            status = self.lib.dgms_model_load(str(source).encode(), threads,
-                                              ctypes.byref(handle))
+            load = (self.lib.dgms_model_load_buffer_ex if cap
+                    else self.lib.dgms_model_load_buffer)
+            status = load(bytes(source), len(source), threads, *cap,
+                          ctypes.byref(handle))
         else:
-            status = self.lib.dgms_model_load_ex(
-                str(source).encode(), threads, quant_winograd_max_bytes,
-                ctypes.byref(handle))
+            load = (self.lib.dgms_model_load_ex if cap
+                    else self.lib.dgms_model_load)
+            status = load(str(source).encode(), threads, *cap,
+                          ctypes.byref(handle))
         if status != 0:
             raise RuntimeFailure(self.lib.dgms_model_last_error().decode())
         self.handle = handle

@@ -239,8 +239,9 @@ struct WinogradWeights {
   const float* bias = nullptr;
 };
 
-// The Winograd part of w: winograd_u, dense_scale and bias.
-WinogradWeights winograd_weights(const ConvWeights& w);
+// The Winograd part of w (winograd_u and bias) with `scale`: a dense
+// layer's dense_scale (null when it has none) or a quantized layer's scale.
+WinogradWeights winograd_weights(const ConvWeights& w, const float* scale);
 
 // Runs a Winograd plan on the unprepared NCHW input (planes plan.in_plane
 // floats apart) and writes output planes out_plane floats apart.

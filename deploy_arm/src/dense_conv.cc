@@ -281,8 +281,13 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               float* output, int64_t out_plane,
                               ThreadPool* pool) const {
   if (plan.winograd) {
-    run_winograd(geometry_, plan, winograd_weights(*weights_), activation_,
-                 detail::kernels_for(isa_), input, output, out_plane, pool);
+    const ConvWeights& w = *weights_;
+    run_winograd(geometry_, plan,
+                 winograd_weights(w, w.dense_scale.empty()
+                                         ? nullptr
+                                         : w.dense_scale.data()),
+                 activation_, detail::kernels_for(isa_), input, output,
+                 out_plane, pool);
     return;
   }
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
@@ -302,11 +307,11 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
                       pool);
 }
 
-WinogradWeights winograd_weights(const ConvWeights& w) {
+WinogradWeights winograd_weights(const ConvWeights& w, const float* scale) {
   WinogradWeights out;
   out.u = w.winograd_u.data();
   out.out_blocks = w.winograd_out_blocks;
-  out.scale = w.dense_scale.empty() ? nullptr : w.dense_scale.data();
+  out.scale = scale;
   out.bias = w.bias.data();
   return out;
 }
@@ -380,8 +385,7 @@ void run_winograd(const ConvGeometry& g, const ConvPlan& plan,
                                    detail::kWinogradChunk, 2 * threads);
   const int64_t group = chunk_size(
       plan.tile_blocks, detail::kWinogradBlockGroup,
-      (4 * threads * chunk + w.out_blocks - 1) /
-          w.out_blocks);
+      (4 * threads * chunk + w.out_blocks - 1) / w.out_blocks);
   const int64_t chunks = (w.out_blocks + chunk - 1) / chunk;
   const int64_t groups = (plan.tile_blocks + group - 1) / group;
   const int64_t scratch_out =

@@ -360,13 +360,9 @@ void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
                               ThreadPool* pool) const {
   const detail::KernelTable& kernels = detail::kernels_for(isa_);
   if (plan.winograd) {
-    WinogradWeights w;
-    w.u = weights_->winograd_u.data();
-    w.out_blocks = weights_->winograd_out_blocks;
-    w.scale = weights_->scale.data();
-    w.bias = weights_->bias.data();
-    run_winograd(geometry_, plan, w, activation_, kernels, input, output,
-                 out_plane, pool);
+    run_winograd(geometry_, plan,
+                 winograd_weights(*weights_, weights_->scale.data()),
+                 activation_, kernels, input, output, out_plane, pool);
     return;
   }
   if (!plan.flat && depthwise_geometry(geometry_)) {

@@ -106,6 +106,17 @@ const int kBits[] = {1, 2, 3, 4, 8};
 constexpr double kWinogradErrorFactor = 4.0;
 const int kThreads[] = {1, 3};
 
+// A 3x3 stride-1 conv without groups or dilation, padded by `pad`.
+ConvGeometry conv3x3(int64_t in_channels, int64_t out_channels,
+                     int64_t pad) {
+  ConvGeometry g;
+  g.in_channels = in_channels;
+  g.out_channels = out_channels;
+  g.kernel_h = g.kernel_w = 3;
+  g.pad_h = g.pad_w = pad;
+  return g;
+}
+
 std::vector<Isa> simd_isas() {
   std::vector<Isa> isas;
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
@@ -336,11 +347,7 @@ void test_winograd(std::mt19937* rng) {
   isas.insert(isas.begin(), Isa::kScalar);
   double worst = 0.0;
   for (const auto& c : cases) {
-    ConvGeometry g;
-    g.in_channels = c.in_channels;
-    g.out_channels = c.out_channels;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_h = g.pad_w = c.pad;
+    const ConvGeometry g = conv3x3(c.in_channels, c.out_channels, c.pad);
     const int64_t taps = g.in_channels * 9;
     for (int variant = 0; variant < 3; ++variant) {
       const Activation activation = static_cast<Activation>(variant);
@@ -418,10 +425,7 @@ void test_winograd(std::mt19937* rng) {
 
   // The automatic choice: Winograd for 3x3 stride-1 layers on outputs whose
   // tile rows fill the vectors, direct for other geometries.
-  ConvGeometry g;
-  g.in_channels = g.out_channels = 16;
-  g.kernel_h = g.kernel_w = 3;
-  g.pad_h = g.pad_w = 1;
+  ConvGeometry g = conv3x3(16, 16, 1);
   const std::vector<float> weights =
       testing::random_floats(testing::weight_count(g), -1.0f, 1.0f, rng);
   DenseConvDesc desc;
@@ -478,11 +482,7 @@ void test_quant_winograd(std::mt19937* rng) {
   isas.insert(isas.begin(), Isa::kScalar);
   const int64_t no_limit = int64_t(1) << 40;
   for (const auto& c : cases) {
-    ConvGeometry g;
-    g.in_channels = c.in_channels;
-    g.out_channels = c.out_channels;
-    g.kernel_h = g.kernel_w = 3;
-    g.pad_h = g.pad_w = c.pad;
+    const ConvGeometry g = conv3x3(c.in_channels, c.out_channels, c.pad);
     const Activation activation =
         static_cast<Activation>(c.bits % 3);
     const QuantLayer layer =
@@ -554,11 +554,7 @@ void test_quant_winograd(std::mt19937* rng) {
   // The cap: filters of exactly the cap are kept, and one byte less keeps
   // none. Strided layers and a cap of 0 keep none, and a negative cap
   // fails.
-  ConvGeometry g;
-  g.in_channels = 16;
-  g.out_channels = 16;
-  g.kernel_h = g.kernel_w = 3;
-  g.pad_h = g.pad_w = 1;
+  ConvGeometry g = conv3x3(16, 16, 1);
   const QuantLayer layer =
       testing::random_quant_layer(g, 4, 0.2, Activation::kNone, rng);
   std::unique_ptr<QuantConv2d> conv;
@@ -598,11 +594,7 @@ void test_quant_winograd(std::mt19937* rng) {
 // A layer run on alternating input shapes must match a fresh layer's
 // result for each shape (the layer caches a plan per recent shape).
 void test_shape_change(std::mt19937* rng) {
-  ConvGeometry g;
-  g.out_channels = 6;
-  g.in_channels = 5;
-  g.kernel_h = g.kernel_w = 3;
-  g.pad_h = g.pad_w = 1;
+  const ConvGeometry g = conv3x3(5, 6, 1);
   const QuantLayer layer =
       testing::random_quant_layer(g, 3, 0.2, Activation::kNone, rng);
   std::unique_ptr<QuantConv2d> shared;

@@ -241,10 +241,10 @@ class Conv2d {
 // Winograd transform of its decoded weights (codebook[index]), which
 // takes 36 floats per filter and input channel instead of 9 indices.
 // create() builds it when winograd_max_bytes is positive and the
-// transformed filters take at most that many bytes; runs then use it on
-// the input shapes where DenseAlgorithm::kAuto would (see DenseConv2d) and
-// the codebook kernel on the others. Winograd rounds differently from the
-// direct kernels (see docs/deploy_arm.md).
+// transformed filters take at most that many bytes. Runs then use it on
+// the input shapes where DenseAlgorithm::kAuto would (see DenseConv2d),
+// and the codebook kernel on the others. Winograd rounds differently
+// from the direct kernels (see docs/deploy_arm.md).
 class QuantConv2d : public Conv2d {
  public:
   // Validates desc and repacks it for the chosen kernel. isa kAuto picks

@@ -895,8 +895,17 @@ class ModelImpl {
     return names;
   }
 
-  // Runs a graph on `inputs`, which it copies into reused buffers (so the
-  // caller's data is copied once on the way in).
+  // Returns the profile entry of a node that took `ms` milliseconds.
+  Model::NodeTime node_time(const NodeData& node, double ms,
+                            bool concurrent) const {
+    Model::NodeTime t;
+    t.op = node_label(node);
+    t.layer = node_layers(node);
+    t.ms = ms;
+    t.concurrent = concurrent;
+    return t;
+  }
+
   // Estimated work of a conv on an input of `shape`: multiply-adds, 0.4 of
   // them with Winograd. Sets *out_shape, or returns false when the input
   // does not fit the layer (the node then reports it when it runs).
@@ -926,9 +935,9 @@ class ModelImpl {
   // its longest path of dependent nodes. It does so, and sets *ran, only
   // when that path takes at most kSectionSlack times a thread's share of
   // the section's estimated work. Otherwise the caller runs the nodes one
-  // after the other on all threads. Buffers return to the pool when the last reader of their
-  // value in the section has finished, if no node after the section reads
-  // it.
+  // after the other on all threads. Buffers return to the pool when the
+  // last reader of their value in the section has finished, if no node
+  // after the section reads it.
   Status run_section(const GraphData& graph, const NodeSection& section,
                      std::vector<Tensor>* values, BufferPool* buffers,
                      std::vector<Model::NodeTime>* times, bool* ran) const {
@@ -939,7 +948,8 @@ class ModelImpl {
     std::vector<std::vector<int>> readers(static_cast<size_t>(n));
     for (int j = 0; j < n; ++j) {
       const NodeData& node = graph.nodes[size_t(section.begin + j)];
-      const std::vector<int64_t>* shape = &(*values)[size_t(node.inputs[0])].shape;
+      const std::vector<int64_t>* shape =
+          &(*values)[size_t(node.inputs[0])].shape;
       for (int k : section.waits_for[size_t(j)]) {
         readers[size_t(k)].push_back(j);
         shape = &shapes[size_t(k)];
@@ -1039,12 +1049,7 @@ class ModelImpl {
     for (int j = 0; j < n; ++j) {
       const NodeData& node = graph.nodes[size_t(section.begin + j)];
       if (times != nullptr && !failed) {
-        Model::NodeTime t;
-        t.op = node_label(node);
-        t.layer = node_layers(node);
-        t.ms = ms[size_t(j)];
-        t.concurrent = true;
-        times->push_back(t);
+        times->push_back(node_time(node, ms[size_t(j)], true));
       }
       if (!status[size_t(j)].ok())
         return Status(status[size_t(j)].code(),
@@ -1054,6 +1059,8 @@ class ModelImpl {
     return Status::Ok();
   }
 
+  // Runs a graph on `inputs`, which it copies into reused buffers (so the
+  // caller's data is copied once on the way in).
   Status run_graph(const std::string& name,
                    const std::vector<InputView>& inputs,
                    std::vector<std::pair<std::string, Tensor>>* outputs,
@@ -1122,12 +1129,11 @@ class ModelImpl {
       const auto start = std::chrono::steady_clock::now();
       Status s = run_node(node, dies, &values, &buffers, &y);
       if (times != nullptr) {
-        Model::NodeTime t;
-        t.op = node_label(node);
-        t.layer = node_layers(node);
-        t.ms = std::chrono::duration<double, std::milli>(
-                   std::chrono::steady_clock::now() - start).count();
-        times->push_back(t);
+        times->push_back(node_time(
+            node,
+            std::chrono::duration<double, std::milli>(
+                std::chrono::steady_clock::now() - start).count(),
+            false));
       }
       if (!s.ok())
         return Status(s.code(), "graph '" + name + "' node " +
