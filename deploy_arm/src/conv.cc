@@ -198,7 +198,7 @@ void run_per_group(const ConvGeometry& g, const ConvPlan& plan,
   const int64_t channels = g.in_channels / g.groups;
   const int64_t group_size = channels * plan.in_plane;
   run_parallel(pool, g.groups, [&](int64_t group) {
-    thread_local std::vector<float> prepared;
+    thread_local FloatVector prepared;
     if (static_cast<int64_t>(prepared.size()) < channels * plan.plane) {
       prepared.resize(channels * plan.plane);
     }
@@ -236,7 +236,7 @@ void run_depthwise(const ConvGeometry& g, const ConvPlan& plan,
   const auto run_channel = [&](int64_t c) {
     // The padding of the layout last prepared in the buffer stays zero:
     // the kernels write only its data.
-    thread_local std::vector<float> prepared;
+    thread_local FloatVector prepared;
     thread_local detail::PlaneLayout padded{};
     thread_local bool padding_ready = false;
     if (static_cast<int64_t>(prepared.size()) < plan.plane) {
@@ -321,12 +321,12 @@ std::vector<int64_t> interleaved_runs(int64_t count, int threads) {
 }
 
 void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
-                 int64_t num_tiles,
+                 int64_t num_tiles, bool packed,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel) {
   const int threads = pool != nullptr ? pool->num_threads() : 1;
-  const int64_t blocks_per_chunk =
-      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_weights),
-                 (4 * threads + num_tiles - 1) / num_tiles);
+  const int64_t blocks_per_chunk = chunk_size(
+      blocks, packed ? blocks : std::max<int64_t>(1, 65536 / block_weights),
+      (4 * threads + num_tiles - 1) / num_tiles);
   const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
 
   const std::vector<int64_t> order = interleaved_runs(num_tiles, threads);
@@ -342,16 +342,14 @@ bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels) {
 }
 
 void run_chunked(
-    ThreadPool* pool, int64_t num_tiles, int64_t blocks,
-    int64_t block_weights, int64_t tile_floats,
+    ThreadPool* pool, int64_t num_tiles, int64_t blocks, int64_t tile_floats,
     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& kernel) {
   const int threads = pool != nullptr ? pool->num_threads() : 1;
   const int64_t tiles_per_chunk = chunk_size(
       num_tiles, std::max<int64_t>(1, 16384 / tile_floats), 4 * threads);
   const int64_t chunks = (num_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   const int64_t blocks_per_item =
-      chunk_size(blocks, std::max<int64_t>(1, 65536 / block_weights),
-                 (4 * threads + chunks - 1) / chunks);
+      chunk_size(blocks, blocks, (4 * threads + chunks - 1) / chunks);
   const int64_t block_items = (blocks + blocks_per_item - 1) / blocks_per_item;
   // Consecutive items share their blocks, whose weights stay in cache.
   const std::vector<int64_t> order = interleaved_runs(chunks, threads);

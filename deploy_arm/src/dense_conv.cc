@@ -274,6 +274,7 @@ detail::DenseKernelArgs DenseConv2d::dense_args(const ConvPlan& plan,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
   args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  args.flat_input = false;
   return args;
 }
 
@@ -303,7 +304,7 @@ void DenseConv2d::compute_raw(const ConvPlan& plan, const float* input,
   }
   run_raw_dense_style(geometry_, plan, input, dense_args(plan, nullptr, output, out_plane),
                       weights_->blocks_per_group, kernels.dense_chunk,
-                      kernels.dense_single, kernels,
+                      kernels.dense, kernels.dense_single, kernels,
                       pool);
 }
 
@@ -371,7 +372,7 @@ void run_winograd(const ConvGeometry& g, const ConvPlan& plan,
 
   const int64_t scratch_in = (4 * plan.tiles_y + 2) * 4 * args.phase_w;
   run_parallel(pool, g.in_channels, [&](int64_t c) {
-    thread_local std::vector<float> scratch;
+    thread_local FloatVector scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_in) {
       scratch.resize(scratch_in);
     }
@@ -391,7 +392,7 @@ void run_winograd(const ConvGeometry& g, const ConvPlan& plan,
   const int64_t scratch_out =
       36 * group * chunk * kernels.winograd_out_block * block_tiles;
   run_parallel(pool, chunks * groups, [&](int64_t item) {
-    thread_local std::vector<float> scratch;
+    thread_local FloatVector scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_out) {
       scratch.resize(scratch_out);
     }
@@ -415,16 +416,13 @@ void DenseConv2d::compute(const ConvPlan& plan, const float* prepared,
 
   if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
     run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
-                     w.out_block, kernels.dense_chunk, kernels, pool);
+                     kernels.dense_chunk, kernels, pool);
     return;
   }
-  const auto kernel = w.out_block == 1 ? kernels.dense_single : kernels.dense;
-  // The kernel reads the weights of one tap chunk at a time.
-  const int64_t chunk_taps = std::min(args.taps, detail::kTileTapChunk);
-  run_blocked(pool, g.groups * w.blocks_per_group, chunk_taps * w.out_block,
-              plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
-                kernel(args, tile, begin, end);
-              });
+  run_tile_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
+                  w.out_block,
+                  w.out_block == 1 ? kernels.dense_single : kernels.dense,
+                  pool);
 }
 
 }  // namespace dgms_rt

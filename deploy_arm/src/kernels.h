@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dgms_rt/conv.h"
+#include "dgms_rt/tensor.h"
 
 namespace dgms_rt {
 namespace detail {
@@ -63,6 +64,10 @@ struct DenseKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
+  // The input is a flat plan's unprepared planes (ConvPlan::flat), which
+  // end at the last pixel, so the tile kernels always pack it and load
+  // partial segments partially.
+  bool flat_input;
 };
 
 struct LookupKernelArgs {
@@ -82,6 +87,10 @@ struct LookupKernelArgs {
   int64_t blocks_per_group;      // ceil(out_per_group / out_block)
   Activation activation;
   bool pack_inputs;              // pack each tile's inputs (1x1 kernels)
+  // The input is a flat plan's unprepared planes (ConvPlan::flat), which
+  // end at the last pixel, so the tile kernels always pack it and load
+  // partial segments partially.
+  bool flat_input;
 };
 
 // The prepared layout of one channel plane (see ConvPlan): zero padding

@@ -352,6 +352,7 @@ detail::LookupKernelArgs QuantConv2d::lookup_args(const ConvPlan& plan,
   args.blocks_per_group = w.blocks_per_group;
   args.activation = activation_;
   args.pack_inputs = g.kernel_h * g.kernel_w == 1;
+  args.flat_input = false;
   return args;
 }
 
@@ -378,7 +379,7 @@ void QuantConv2d::compute_raw(const ConvPlan& plan, const float* input,
   run_raw_dense_style(geometry_, plan, input,
                       lookup_args(plan, nullptr, output, out_plane),
                       weights_->blocks_per_group, kernels.lookup_chunk,
-                      kernels.lookup_single, kernels,
+                      kernels.lookup, kernels.lookup_single, kernels,
                       pool);
 }
 
@@ -394,17 +395,13 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
         lookup_args(plan, prepared, output, out_plane);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
       run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
-                       w.out_block, kernels.lookup_chunk, kernels, pool);
+                     kernels.lookup_chunk, kernels, pool);
       return;
     }
-    const auto kernel =
-        w.out_block == 1 ? kernels.lookup_single : kernels.lookup;
-    // The kernel reads the weights of one tap chunk at a time.
-    const int64_t chunk_taps = std::min(args.taps, detail::kTileTapChunk);
-    run_blocked(pool, g.groups * w.blocks_per_group, chunk_taps * w.out_block,
-                plan.num_tiles, [&](int64_t tile, int64_t begin, int64_t end) {
-                  kernel(args, tile, begin, end);
-                });
+    run_tile_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
+                    w.out_block,
+                    w.out_block == 1 ? kernels.lookup_single : kernels.lookup,
+                    pool);
     return;
   }
 
@@ -444,7 +441,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
 
   run_parallel(pool, chunks * tiles, [&](int64_t item) {
     // One buffer per thread, reused across items and calls.
-    thread_local std::vector<float> scratch;
+    thread_local FloatVector scratch;
     if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
 
     const int64_t chunk = item / tiles;
