@@ -7,7 +7,9 @@
 //   Vec, kLanes, zero(), set1(float), load(const float*),
 //   add(a, b), mul(a, b), fmadd(a, b, c) = a * b + c (fused or not),
 //   fused(a, b, c) = a * b + c rounded once (a fused multiply-add),
-//   max(a, b), min(a, b), store(float*, Vec, int lanes).
+//   max(a, b), min(a, b), store(float*, Vec, int lanes),
+//   deinterleave4(const float* p, Vec phase[4]): the 4 * kLanes floats at
+//   p split by index modulo 4.
 //
 // The quantized kernel performs the same float operations in the same
 // order for every lane of every instruction set, so all of them produce

@@ -22,6 +22,10 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return a + b; }
   static Vec sub(Vec a, Vec b) { return a - b; }
+  // Splits the 4 floats at p by index modulo 4: phase[q] is p[q].
+  static void deinterleave4(const float* p, Vec phase[4]) {
+    for (int q = 0; q < 4; ++q) phase[q] = p[q];
+  }
   static Vec mul(Vec a, Vec b) { return a * b; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
   static Vec fused(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }

@@ -73,25 +73,53 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
   std::fill(scratch, scratch + args.pad_h * row_stride, 0.0f);
   std::fill(scratch + (args.pad_h + y_end) * row_stride,
             scratch + rows * row_stride, 0.0f);
+  // Phase position j contains padded column 4 * j + q, input column
+  // 4 * j + q - pad_w, for j in [j_begin[q], j_end[q]).
+  int64_t j_begin[4], j_end[4];
   for (int64_t q = 0; q < 4; ++q) {
-    // Phase position j contains padded column 4 * j + q, input column
-    // 4 * j + q - pad_w, for j in [j_begin, j_end).
-    const int64_t j_begin = (args.pad_w - q + 3) / 4;
-    const int64_t j_end = (args.pad_w + x_end - q + 3) / 4;
-    const int64_t x_begin = 4 * j_begin + q - args.pad_w;
-    for (int64_t y = 0; y < y_end; ++y) {
-      float* phase = scratch + (y + args.pad_h) * row_stride + q * phase_w;
-      const float* src_row = src + y * args.width + x_begin;
-      for (int64_t j = 0; j < j_begin; ++j) phase[j] = 0.0f;
-      for (int64_t j = j_begin; j < j_end; ++j) {
-        phase[j] = src_row[4 * (j - j_begin)];
+    j_begin[q] = (args.pad_w - q + 3) / 4;
+    j_end[q] = std::max(j_begin[q], (args.pad_w + x_end - q + 3) / 4);
+  }
+  constexpr int64_t kChunk = 4 * Ops::kLanes;
+  for (int64_t y = 0; y < y_end; ++y) {
+    float* row = scratch + (y + args.pad_h) * row_stride;
+    const float* src_row = src + y * args.width;
+    for (int64_t q = 0; q < 4; ++q) {
+      float* phase = row + q * phase_w;
+      for (int64_t j = 0; j < j_begin[q]; ++j) phase[j] = 0.0f;
+      for (int64_t j = j_end[q]; j < phase_w; ++j) phase[j] = 0.0f;
+    }
+    // Input column x goes to padded column x + pad_w. Chunks of kChunk
+    // columns are split by column modulo 4 in registers, the last one
+    // overlapping the one before it. Rows narrower than a chunk go column
+    // by column. With four strided copies per row, one per phase, a 3x3
+    // conv from 64 to 9 channels at 52 x 52 took 0.36 against 0.34 ms
+    // (one thread, AVX2).
+    if (x_end < kChunk) {
+      for (int64_t x = 0; x < x_end; ++x) {
+        const int64_t padded = x + args.pad_w;
+        row[(padded & 3) * phase_w + (padded >> 2)] = src_row[x];
       }
-      for (int64_t j = j_end; j < phase_w; ++j) phase[j] = 0.0f;
+      continue;
+    }
+    for (int64_t x0 = 0;; x0 += kChunk) {
+      if (x0 + kChunk > x_end) x0 = x_end - kChunk;
+      Vec phases[4];
+      Ops::deinterleave4(src_row + x0, phases);
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t padded = x0 + q + args.pad_w;
+        Ops::store(row + (padded & 3) * phase_w + (padded >> 2), phases[q],
+                   Ops::kLanes);
+      }
+      if (x0 + kChunk >= x_end) break;
     }
   }
 
   const int64_t nb = args.block_tiles;
-  const int64_t block_stride = 36 * args.in_channels * nb;
+  // A local copy: the stores below could alias args, so GCC reloaded
+  // args.in_channels for each of them.
+  const int64_t position_stride = args.in_channels * nb;
+  const int64_t block_stride = 36 * position_stride;
   const int64_t tiles = args.tiles_y * args.tiles_x;
   for (int64_t first = 0; first < tiles; first += Ops::kLanes) {
     const int64_t ty = first / args.tiles_x;
@@ -156,8 +184,7 @@ void winograd_input(const WinogradArgs& args, int64_t c, float* scratch) {
       Vec r[6];
       winograd_input_1d<Ops>(t[i], r);
       for (int j = 0; j < 6; ++j) {
-        Ops::store(dst + (i * 6 + j) * args.in_channels * nb, r[j],
-                   Ops::kLanes);
+        Ops::store(dst + (i * 6 + j) * position_stride, r[j], Ops::kLanes);
       }
     }
   }

@@ -30,6 +30,12 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec sub(Vec a, Vec b) { return vsubq_f32(a, b); }
+  // Splits the 16 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // q] in lane l.
+  static void deinterleave4(const float* p, Vec phase[4]) {
+    const float32x4x4_t phases = vld4q_f32(p);
+    for (int q = 0; q < 4; ++q) phase[q] = phases.val[q];
+  }
   static Vec mul(Vec a, Vec b) { return vmulq_f32(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
   static Vec fused(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }

@@ -29,6 +29,27 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  // Splits the 32 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // q] in lane l.
+  static void deinterleave4(const float* p, Vec phase[4]) {
+    const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+    const __m256 v2 = _mm256_loadu_ps(p + 16), v3 = _mm256_loadu_ps(p + 24);
+    // A 4 x 4 transpose within each 128-bit half: lane order 0, 8, 16, 24
+    // | 4, 12, 20, 28 for phase 0, and so on.
+    const __m256 t0 = _mm256_unpacklo_ps(v0, v1);
+    const __m256 t1 = _mm256_unpacklo_ps(v2, v3);
+    const __m256 t2 = _mm256_unpackhi_ps(v0, v1);
+    const __m256 t3 = _mm256_unpackhi_ps(v2, v3);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    phase[0] = _mm256_permutevar8x32_ps(
+        _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)), order);
+    phase[1] = _mm256_permutevar8x32_ps(
+        _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)), order);
+    phase[2] = _mm256_permutevar8x32_ps(
+        _mm256_shuffle_ps(t2, t3, _MM_SHUFFLE(1, 0, 1, 0)), order);
+    phase[3] = _mm256_permutevar8x32_ps(
+        _mm256_shuffle_ps(t2, t3, _MM_SHUFFLE(3, 2, 3, 2)), order);
+  }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec fused(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

@@ -38,6 +38,18 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  // Splits the 64 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // q] in lane l.
+  static void deinterleave4(const float* p, Vec phase[4]) {
+    for (int q = 0; q < 4; ++q) {
+      const __m512i index = _mm512_add_epi32(
+          _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                               10, 11, 12, 13, 14, 15),
+                             _mm512_set1_epi32(4)),
+          _mm512_set1_epi32(q));
+      phase[q] = _mm512_i32gather_ps(index, p, 4);
+    }
+  }
   static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec fused(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
