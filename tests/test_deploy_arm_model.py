@@ -481,9 +481,12 @@ def test_independent_nodes_run_concurrently(packed, tensor_file,
     as a task graph, each node on one thread, with the same bits as on
     one thread. The quantized 3x3 layers run Winograd on their decoded
     weights by default and the codebook kernels with --quant-winograd 0,
-    both within the tolerance of the Python reader."""
+    both within the tolerance of the Python reader. The head's sibling
+    convs run separately: merged, this small head has too little work
+    beside its longest path for a task graph."""
     _, _, path = packed
-    base = [str(detect_binary), str(path), str(tensor_file[0]), '--profile']
+    base = [str(detect_binary), str(path), str(tensor_file[0]), '--profile',
+            '--sibling-convs', 'separate']
     runs = {}
     for winograd in ('1024', '0'):
         for threads in ('1', '2', '3'):
@@ -503,6 +506,42 @@ def test_independent_nodes_run_concurrently(packed, tensor_file,
     proc = detections_of(base + ['--quant-winograd', '-5'])
     assert proc.returncode == 2
     assert "--quant-winograd is '-5', expected an integer" in proc.stderr
+
+
+def test_sibling_convs_merge(packed, tensor_file, detect_binary):
+    """The first convs of the head's class and box branches read the same
+    value and run as one conv over both outputs. The detections are the
+    same bits as with --sibling-convs separate, on 1 and 2 threads, with
+    one node fewer per pyramid level. A bad value exits 2."""
+    _, _, path = packed
+
+    graph = json.loads(decode_container(path.read_bytes())[1].data)
+    names = [layer['name'] for layer in graph['layers']]
+    levels = sum(names[node['layer']] == 'bbox_head.retina_cls.conv'
+                 or names[node['layer']] == 'bbox_head.retina_cls'
+                 for node in graph['graphs']['main']['nodes']
+                 if node['op'] == 'conv2d')
+    assert levels >= 3
+
+    base = [str(detect_binary), str(path), str(tensor_file[0]), '--profile']
+    for threads in ('1', '2'):
+        runs = {}
+        for mode in ('merge', 'separate'):
+            proc = detections_of(base + ['--threads', threads,
+                                         '--sibling-convs', mode])
+            check_cli_detections(proc, tensor_file[1])
+            runs[mode] = (json.loads(proc.stdout)['detections'],
+                          profile_counts(proc.stderr)['conv2d 3x3 f32'])
+        assert runs['merge'][0] == runs['separate'][0], threads
+        assert runs['separate'][1] - runs['merge'][1] == levels, runs
+
+    default = detections_of(base)
+    assert (profile_counts(default.stderr)['conv2d 3x3 f32']
+            == runs['merge'][1])
+    proc = detections_of(base + ['--sibling-convs', 'both'])
+    assert proc.returncode == 2
+    assert "--sibling-convs is 'both', expected merge or separate" in \
+        proc.stderr
 
 
 def test_cli_under_sanitizers(packed, tensor_file, tmp_path):

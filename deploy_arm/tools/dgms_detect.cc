@@ -4,7 +4,7 @@
 //               [--dump-input tensor.bin] [--repeat R] [--warmup W]
 //               [--profile] [--dense-algorithm auto|direct]
 //               [--isa auto|scalar|avx2|avx512|neon] [--chain-band KIB]
-//               [--quant-winograd KIB]
+//               [--quant-winograd KIB] [--sibling-convs merge|separate]
 //
 // INPUT is a binary PPM (P6, 8-bit RGB) that the program resizes,
 // normalises and pads as the model's META `preprocess` says, or a tensor
@@ -21,7 +21,9 @@
 // its whole input). --quant-winograd sets the largest Winograd filters,
 // in KiB, that a quantized 3x3 stride-1 layer keeps
 // (ModelOptions::quant_winograd_max_bytes; 0 runs the codebook kernels
-// only). --dump-input writes the
+// only). --sibling-convs separate runs full-precision convs that read the
+// same input one by one rather than merged
+// (ModelOptions::merge_sibling_convs). --dump-input writes the
 // network input (after resizing, channel order, normalisation and padding)
 // as a tensor file before detection runs.
 #include <fcntl.h>
@@ -289,7 +291,8 @@ int usage(FILE* stream = stderr, int code = 2) {
                "[--dump-input tensor.bin]\n"
                "                   [--isa auto|scalar|avx2|avx512|neon] "
                "[--chain-band KIB]\n"
-               "                   [--quant-winograd KIB]\n"
+               "                   [--quant-winograd KIB] "
+               "[--sibling-convs merge|separate]\n"
                "INPUT: a binary PPM (P6) image or a DGMSTENS tensor file\n"
                "--threads: conv threads (default 1); --repeat: time R "
                "detect runs after W\n"
@@ -314,7 +317,12 @@ int usage(FILE* stream = stderr, int code = 2) {
                "stride-1 layer keeps\n"
                "  and runs on its decoded weights, in KiB (0 to 1048576, "
                "default 1024); 0 runs\n"
-               "  the codebook kernels only\n");
+               "  the codebook kernels only\n"
+               "--sibling-convs: full-precision convs that read the same "
+               "input with the same\n"
+               "  geometry run as one conv (merge, default) or one by one "
+               "(separate).\n"
+               "  It changes speed, not results.\n");
   return code;
 }
 
@@ -329,7 +337,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> positional;
   int threads = 1, repeat = 0, warmup = 1, chain_band_kib = 1024;
   int quant_winograd_kib = 1024;
-  bool profile = false;
+  bool profile = false, merge_sibling_convs = true;
   std::string output, dump_input;
   dgms_rt::DenseAlgorithm dense_algorithm = dgms_rt::DenseAlgorithm::kAuto;
   dgms_rt::Isa isa = dgms_rt::Isa::kAuto;
@@ -372,6 +380,16 @@ int main(int argc, char** argv) {
       } else {
         std::fprintf(stderr, "dgms_detect: --dense-algorithm is '%s', "
                      "expected auto or direct\n", name.c_str());
+        return 2;
+      }
+    }
+    else if (arg == "--sibling-convs") {
+      const std::string name = value("--sibling-convs");
+      if (name == "merge" || name == "separate") {
+        merge_sibling_convs = name == "merge";
+      } else {
+        std::fprintf(stderr, "dgms_detect: --sibling-convs is '%s', "
+                     "expected merge or separate\n", name.c_str());
         return 2;
       }
     }
@@ -437,6 +455,7 @@ int main(int argc, char** argv) {
   options.isa = isa;
   options.chain_band_bytes = int64_t(chain_band_kib) * 1024;
   options.quant_winograd_max_bytes = int64_t(quant_winograd_kib) * 1024;
+  options.merge_sibling_convs = merge_sibling_convs;
   std::unique_ptr<dgms_rt::Model> model;
   const auto load_start = std::chrono::steady_clock::now();
   Status s = dgms_rt::Model::load_file(positional[0], options, &model);

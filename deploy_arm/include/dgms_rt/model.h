@@ -68,6 +68,11 @@ struct ModelOptions {
   // NOTE: the default was tuned on an x86 CPU with 1 MiB of L2 cache per
   // core; ARM cores with less L2 may run faster with smaller bands.
   int64_t chain_band_bytes = int64_t(1) << 20;
+  // Full-precision convs that read the same input with the same geometry
+  // and activation (the first convs of a RetinaNet head's class and box
+  // branches) run as one conv over all their output channels, which shares
+  // the input transform. The results are the same bits either way.
+  bool merge_sibling_convs = true;
 };
 
 class ModelImpl;

@@ -43,9 +43,14 @@ struct NodeData {
   int conv = -1;  // index into the built conv objects
   // conv_chain: built convs {expand 1x1 or -1, depthwise, the depthwise
   // without row padding, project 1x1} and the layers of the first, second
-  // and fourth.
+  // and fourth. A merged conv2d (see ModelImpl::merge_sibling_convs): the
+  // layers whose outputs it computes, in channel order.
   int chain[4] = {-1, -1, -1, -1};
   std::vector<int> chain_layers;
+  // conv2d: -1 where the conv reads its whole input, else the first of
+  // the input channels it reads, where a merged conv wrote the outputs of
+  // several layers into the input value.
+  int64_t input_channel_offset = -1;
   // max_pool2d
   int64_t kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0},
           dilation[2] = {1, 1};
