@@ -440,9 +440,11 @@ def test_add_then_activation_runs_fused(packed, tensor_file, tmp_path):
 
 def test_conv_chains_run_banded(packed, tensor_file, detect_binary):
     """Each MobileNetV2 block (1x1 -> depthwise -> 1x1) runs as one
-    conv_chain node. Band by band (bands of one to a few rows, forced by a
-    small --chain-band), one band per thread (the default band on 2 or 3
-    threads) or conv by conv (--chain-band 0), it gives the same bits."""
+    conv_chain node, and the first block, which has no 1x1 expand, takes
+    in the 3x3 stride-2 stem before it. Band by band (bands of one to a
+    few rows, forced by a small --chain-band), one band per thread (the
+    default band on 2 or 3 threads) or conv by conv (--chain-band 0), it
+    gives the same bits."""
     _, _, path = packed
     base = [str(detect_binary), str(path), str(tensor_file[0])]
     runs = {}
@@ -456,10 +458,12 @@ def test_conv_chains_run_banded(packed, tensor_file, detect_binary):
     reference = runs['0', '1'][0]
     for key, (dets, _) in runs.items():
         assert dets == reference, key
-    # MobileNetV2 has 17 blocks, and the first has no expand conv.
+    # MobileNetV2 has 17 blocks. The first has no expand conv and starts
+    # with the full-precision stem instead.
     chains = runs['1', '1'][1]
     assert chains.get('conv_chain 3 q4') == 16, chains
-    assert chains.get('conv_chain 2 q4') == 1, chains
+    assert chains.get('conv_chain 3 f32/q4') == 1, chains
+    assert 'conv_chain 2 q4' not in chains, chains
     assert 'conv2d 3x3 dw q4' not in chains, chains
     separate = runs['0', '1'][1]
     assert separate.get('conv2d 3x3 dw q4') == 17, separate

@@ -41,11 +41,14 @@ struct NodeData {
   int layer = -1;
   Activation activation = Activation::kNone;
   int conv = -1;  // index into the built conv objects
-  // conv_chain: built convs {expand 1x1 or -1, depthwise, the depthwise
-  // without row padding, project 1x1} and the layers of the first, second
-  // and fourth. A merged conv2d (see ModelImpl::merge_sibling_convs): the
-  // layers whose outputs it computes, in channel order.
-  int chain[4] = {-1, -1, -1, -1};
+  // conv_chain: built convs {expand or -1, depthwise, the depthwise
+  // without row padding, project 1x1, the expand without row padding or
+  // -1} and the layers of the first, second and fourth. The expand is a
+  // 1x1 conv or, at the start of a network, a conv with a larger window
+  // (MobileNetV2's 3x3 stem). A merged conv2d (see
+  // ModelImpl::merge_sibling_convs): the layers whose outputs it computes,
+  // in channel order.
+  int chain[5] = {-1, -1, -1, -1, -1};
   std::vector<int> chain_layers;
   // conv2d: -1 where the conv reads its whole input, else the first of
   // the input channels it reads, where a merged conv wrote the outputs of

@@ -157,6 +157,14 @@ bool is_flat_1x1(const ConvGeometry& g) {
          g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.groups == 1;
 }
 
+// A conv that can start a conv chain with a window larger than 1x1: no
+// groups or dilation, with each output row from its own window of input
+// rows (MobileNetV2's 3x3 stride-2 stem).
+bool is_window_expand(const ConvGeometry& g) {
+  return g.groups == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         g.kernel_h > g.pad_h && g.kernel_h >= g.stride_h;
+}
+
 bool is_depthwise(const ConvGeometry& g) {
   return g.groups == g.in_channels && g.groups == g.out_channels &&
          g.dilation_h == 1 && g.kernel_h > g.pad_h;
@@ -298,10 +306,12 @@ class ModelImpl {
     return Status::Ok();
   }
 
-  // Replaces each chain of conv nodes "1x1 (optional) -> depthwise -> 1x1"
-  // whose intermediate values have no other reader by one conv_chain node
-  // (see run_chain). The depthwise layer gets a twin without row padding
-  // for bands of rows that carry their own padding rows.
+  // Replaces each chain of conv nodes "expand (optional) -> depthwise ->
+  // 1x1" whose intermediate values have no other reader by one conv_chain
+  // node (see run_chain). The expand is a 1x1 conv or a conv with a larger
+  // window (is_window_expand). The depthwise layer, and an expand with a
+  // larger window, get a twin without row padding for windows of rows
+  // that carry their own padding rows.
   Status fuse_conv_chains(const ModelOptions& options, GraphData* graph) {
     // A value with one reader that is a graph output has no node reader,
     // so the checks below never take a graph output as an inner value.
@@ -319,7 +329,28 @@ class ModelImpl {
 
     std::vector<bool> dropped(graph->nodes.size(), false);
     bool changed = false;
+    // Builds (once per layer and activation) the twin of a node's layer
+    // without row padding and sets *index to it.
     std::map<std::pair<int, int>, int> twins;
+    const auto rows_twin = [&](const NodeData& node, int* index) {
+      const auto key = std::make_pair(node.layer, int(node.activation));
+      auto twin = twins.find(key);
+      if (twin == twins.end()) {
+        const LayerData& layer = content.layers[size_t(node.layer)];
+        LayerData rows = layer;
+        rows.geometry.pad_h = 0;
+        BuiltConv built;
+        Status s = make_conv(rows, node.activation, options, &built);
+        if (!s.ok())
+          return Status(s.code(), "layer " + std::to_string(node.layer) +
+                                      " (" + layer.name + "): " + s.message());
+        built.layer = node.layer;
+        twin = twins.emplace(key, int(convs.size())).first;
+        convs.push_back(std::move(built));
+      }
+      *index = twin->second;
+      return Status::Ok();
+    };
     for (size_t d = 0; d < graph->nodes.size(); ++d) {
       const LayerData* dw = conv_layer(int(d));
       if (dw == nullptr || !is_depthwise(dw->geometry)) continue;
@@ -334,24 +365,21 @@ class ModelImpl {
       const int dw_in = dw_node.inputs[0];
       int e = producer[size_t(dw_in)];
       const LayerData* expand = conv_layer(e);
-      if (expand == nullptr || !is_flat_1x1(expand->geometry) ||
+      if (expand == nullptr ||
+          !(is_flat_1x1(expand->geometry) ||
+            is_window_expand(expand->geometry)) ||
           readers[size_t(dw_in)] != 1 || dropped[size_t(e)])
         e = -1;
-
-      const auto key = std::make_pair(dw_node.layer, int(dw_node.activation));
-      auto twin = twins.find(key);
-      if (twin == twins.end()) {
-        LayerData rows = *dw;
-        rows.geometry.pad_h = 0;
-        BuiltConv built;
-        Status s = make_conv(rows, dw_node.activation, options, &built);
-        if (!s.ok())
-          return Status(s.code(), "layer " + std::to_string(dw_node.layer) +
-                                      " (" + dw->name + "): " + s.message());
-        built.layer = dw_node.layer;
-        twin = twins.emplace(key, int(convs.size())).first;
-        convs.push_back(std::move(built));
+      // A window expand runs on windows of input rows that carry their
+      // own padding rows, through a twin without row padding.
+      int rows_expand = -1;
+      if (e >= 0 && !is_flat_1x1(expand->geometry)) {
+        Status s = rows_twin(graph->nodes[size_t(e)], &rows_expand);
+        if (!s.ok()) return s;
       }
+      int rows_dw = -1;
+      Status s = rows_twin(dw_node, &rows_dw);
+      if (!s.ok()) return s;
 
       NodeData& last = graph->nodes[size_t(p)];
       NodeData chain;
@@ -360,8 +388,9 @@ class ModelImpl {
       chain.output = last.output;
       chain.chain[0] = e >= 0 ? graph->nodes[size_t(e)].conv : -1;
       chain.chain[1] = dw_node.conv;
-      chain.chain[2] = twin->second;
+      chain.chain[2] = rows_dw;
       chain.chain[3] = last.conv;
+      chain.chain[4] = rows_expand;
       if (e >= 0) chain.chain_layers.push_back(graph->nodes[size_t(e)].layer);
       chain.chain_layers.push_back(dw_node.layer);
       chain.chain_layers.push_back(last.layer);
@@ -632,16 +661,25 @@ class ModelImpl {
     const Conv2d& dw = *convs[size_t(node.chain[1])].conv;
     const Conv2d& rows_dw = *convs[size_t(node.chain[2])].conv;
     const Conv2d& project = *convs[size_t(node.chain[3])].conv;
+    const Conv2d* rows_expand =
+        node.chain[4] >= 0 ? convs[size_t(node.chain[4])].conv.get() : nullptr;
     const ConvGeometry& dg = dw.geometry();
     const int64_t in_channels =
         expand != nullptr ? expand->geometry().in_channels : dg.in_channels;
     if (x.shape.size() != 4 || x.shape[1] != in_channels)
       return invalid("expects input (N, " + std::to_string(in_channels) +
                      ", H, W), got " + x.shape_string());
-    const int64_t n = x.shape[0], h = x.shape[2], w = x.shape[3];
+    const int64_t n = x.shape[0], in_h = x.shape[2], in_w = x.shape[3];
+    // h x w: the depthwise conv's input, the expand's output.
+    int64_t h = in_h, w = in_w;
+    Status s;
+    if (rows_expand != nullptr) {
+      s = conv_output_size(expand->geometry(), in_h, in_w, &h, &w);
+      if (!s.ok()) return s;
+    }
     const int64_t mid = dg.in_channels;
     int64_t oh, ow;
-    Status s = conv_output_size(dg, h, w, &oh, &ow);
+    s = conv_output_size(dg, h, w, &oh, &ow);
     if (!s.ok()) return s;
     const int64_t out_channels = project.geometry().out_channels;
     y->shape = {n, out_channels, oh, ow};
@@ -692,12 +730,12 @@ class ModelImpl {
     }
 
     y->data = buffers->take(size_t(y->numel()));
-    ChainBands chain{expand, rows_dw, project, dg, in_channels, mid,
-                     out_channels, h, w, oh, ow, band};
+    ChainBands chain{expand, rows_expand, rows_dw, project, dg, in_channels,
+                     in_h, in_w, mid, out_channels, h, w, oh, ow, band};
     const int64_t items = std::min<int64_t>(threads, bands);
     std::vector<Status> failures(static_cast<size_t>(items));
     for (int64_t b = 0; b < n; ++b) {
-      const float* input = x.data.data() + b * in_channels * h * w;
+      const float* input = x.data.data() + b * in_channels * in_h * in_w;
       float* output = y->data.data() + b * out_channels * oh * ow;
       pool->parallel_for(items, [&](int64_t item) {
         failures[size_t(item)] = run_chain_bands(
@@ -713,10 +751,16 @@ class ModelImpl {
   // The convs and shapes of a conv chain that runs in bands.
   struct ChainBands {
     const Conv2d* expand;  // null when the chain starts at the depthwise
+    // The expand without row padding where its window is larger than
+    // 1x1, else null.
+    const Conv2d* rows_expand;
     const Conv2d& rows_dw;
     const Conv2d& project;
     const ConvGeometry& dw;
-    int64_t in_channels, mid, out_channels, h, w, oh, ow;
+    int64_t in_channels, in_h, in_w;  // the chain's input
+    int64_t mid, out_channels;
+    int64_t h, w;                     // the depthwise conv's input
+    int64_t oh, ow;
     int64_t band;  // output rows per band
   };
 
@@ -812,10 +856,54 @@ class ModelImpl {
       return Status::Ok();
     }
     const int64_t rows_size = c.mid * rows_plane;
-    return c.expand->run_view(src, c.in_channels * in_plane - valid_lo * w,
-                              in_plane, count, w, dst,
-                              rows_size - (valid_lo - lo) * w, rows_plane,
-                              nullptr);
+    const int64_t dst_size = rows_size - (valid_lo - lo) * w;
+    if (c.rows_expand == nullptr) {
+      return c.expand->run_view(src, c.in_channels * in_plane - valid_lo * w,
+                                in_plane, count, w, dst, dst_size, rows_plane,
+                                nullptr);
+    }
+    return fill_window_rows(c, input, valid_lo, valid_hi, dst, dst_size,
+                            rows_plane);
+  }
+
+  // Computes the expanded rows [first, last] of a chain whose expand has a
+  // window larger than 1x1 into dst (planes dst_plane floats apart). The
+  // twin without row padding runs on the input rows under them, in place,
+  // or at the image's top and bottom on a copy with zero rows for the
+  // padding.
+  Status fill_window_rows(const ChainBands& c, const float* input,
+                          int64_t first, int64_t last, float* dst,
+                          int64_t dst_size, int64_t dst_plane) const {
+    const ConvGeometry& g = c.expand->geometry();
+    const int64_t in_plane = c.in_h * c.in_w;
+    const int64_t top = first * g.stride_h - g.pad_h;
+    const int64_t bottom = last * g.stride_h - g.pad_h + g.kernel_h - 1;
+    const int64_t window = bottom - top + 1;
+    if (top >= 0 && bottom < c.in_h) {
+      return c.rows_expand->run_view(
+          input + top * c.in_w, c.in_channels * in_plane - top * c.in_w,
+          in_plane, window, c.in_w, dst, dst_size, dst_plane, nullptr);
+    }
+    thread_local FloatVector padded;
+    try {
+      padded.resize(size_t(c.in_channels * window * c.in_w));
+    } catch (const std::bad_alloc&) {
+      return Status(StatusCode::kOutOfMemory,
+                    "out of memory for the input rows of a conv chain");
+    }
+    for (int64_t ch = 0; ch < c.in_channels; ++ch) {
+      for (int64_t r = top; r <= bottom; ++r) {
+        float* row = padded.data() + (ch * window + r - top) * c.in_w;
+        if (r < 0 || r >= c.in_h) {
+          std::fill_n(row, c.in_w, 0.0f);
+        } else {
+          std::copy_n(input + ch * in_plane + r * c.in_w, c.in_w, row);
+        }
+      }
+    }
+    return c.rows_expand->run_view(padded.data(), int64_t(padded.size()),
+                                   window * c.in_w, window, c.in_w, dst,
+                                   dst_size, dst_plane, nullptr);
   }
 
   Status run_linear(const NodeData& node, const Tensor& x,
