@@ -9,7 +9,9 @@
 //   fused(a, b, c) = a * b + c rounded once (a fused multiply-add),
 //   max(a, b), min(a, b), store(float*, Vec, int lanes),
 //   deinterleave4(const float* p, Vec phase[4]): the 4 * kLanes floats at
-//   p split by index modulo 4.
+//   p split by index modulo 4,
+//   store_columns4(const Vec v[4], float* const dst[kLanes]): lane l of
+//   v[0..3] stored as the 4 floats at dst[l].
 //
 // The quantized kernel performs the same float operations in the same
 // order for every lane of every instruction set, so all of them produce

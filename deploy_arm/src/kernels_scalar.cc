@@ -22,6 +22,10 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return a + b; }
   static Vec sub(Vec a, Vec b) { return a - b; }
+  // Stores v[0], ..., v[3] as the 4 floats at dst[0].
+  static void store_columns4(const Vec v[4], float* const dst[1]) {
+    for (int j = 0; j < 4; ++j) dst[0][j] = v[j];
+  }
   // Splits the 4 floats at p by index modulo 4: phase[q] is p[q].
   static void deinterleave4(const float* p, Vec phase[4]) {
     for (int q = 0; q < 4; ++q) phase[q] = p[q];

@@ -261,6 +261,15 @@ void winograd_block(const WinogradArgs& args, int64_t block_begin,
                           : 0;
       cols[l] = static_cast<int>(std::min<int64_t>(4, args.out_w - ox));
     }
+    // Vectors whose tiles all lie wholly inside the output.
+    bool whole[kTile];
+    for (int s = 0; s < kTile; ++s) {
+      whole[s] = true;
+      for (int l = 0; l < Ops::kLanes; ++l) {
+        const int64_t lane = s * Ops::kLanes + l;
+        whole[s] = whole[s] && rows[lane] == 4 && cols[lane] == 4;
+      }
+    }
     for (int64_t local = 0; local < chunk_channels; ++local) {
       const int64_t o = ob_begin * kOutBlock + local;
       if (o >= args.out_channels) break;
@@ -289,10 +298,22 @@ void winograd_block(const WinogradArgs& args, int64_t block_begin,
           for (int j = 0; j < 4; ++j) {
             const Vec value = scaled ? Ops::fused(r[j], scale, bias)
                                      : Ops::add(r[j], bias);
-            Ops::store(y[i][j], activate<Ops>(value, args.activation),
-                       Ops::kLanes);
+            r[j] = activate<Ops>(value, args.activation);
           }
+          if (whole[s]) {
+            // Each tile's 4 values of row i go to the output with one
+            // store. One by one, a 3x3 conv from 64 to 64 channels at 52
+            // x 52 took 0.82-0.85 against 0.80 ms (one thread, AVX2).
+            float* dst[Ops::kLanes];
+            for (int l = 0; l < Ops::kLanes; ++l) {
+              dst[l] = out + origin[s * Ops::kLanes + l] + i * args.out_w;
+            }
+            Ops::store_columns4(r, dst);
+            continue;
+          }
+          for (int j = 0; j < 4; ++j) Ops::store(y[i][j], r[j], Ops::kLanes);
         }
+        if (whole[s]) continue;
         for (int l = 0; l < Ops::kLanes; ++l) {
           const int64_t lane = s * Ops::kLanes + l;
           for (int i = 0; i < rows[lane]; ++i) {

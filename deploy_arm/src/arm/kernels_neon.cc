@@ -30,7 +30,21 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec sub(Vec a, Vec b) { return vsubq_f32(a, b); }
-  // Splits the 16 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // Stores lane l of v[0], ..., v[3] as the 4 floats at dst[l], for every
+  // lane: a 4 x 4 transpose.
+  static void store_columns4(const Vec v[4], float* const dst[4]) {
+    const float32x4x2_t ab = vtrnq_f32(v[0], v[1]);
+    const float32x4x2_t cd = vtrnq_f32(v[2], v[3]);
+    vst1q_f32(dst[0], vcombine_f32(vget_low_f32(ab.val[0]),
+                                   vget_low_f32(cd.val[0])));
+    vst1q_f32(dst[1], vcombine_f32(vget_low_f32(ab.val[1]),
+                                   vget_low_f32(cd.val[1])));
+    vst1q_f32(dst[2], vcombine_f32(vget_high_f32(ab.val[0]),
+                                   vget_high_f32(cd.val[0])));
+    vst1q_f32(dst[3], vcombine_f32(vget_high_f32(ab.val[1]),
+                                   vget_high_f32(cd.val[1])));
+  }
+  // Splits the 16 floats at p by index modulo 4: phase[q] gets p[4 * l +
   // q] in lane l.
   static void deinterleave4(const float* p, Vec phase[4]) {
     const float32x4x4_t phases = vld4q_f32(p);

@@ -29,7 +29,25 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
-  // Splits the 32 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // Stores lane l of v[0], ..., v[3] as the 4 floats at dst[l], for every
+  // lane: a 4 x 8 transpose.
+  static void store_columns4(const Vec v[4], float* const dst[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]);
+    const __m256 t1 = _mm256_unpacklo_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    // Lanes l and l + 4, each as 4 consecutive floats.
+    const __m256 lanes[4] = {
+        _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+        _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)),
+        _mm256_shuffle_ps(t2, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+        _mm256_shuffle_ps(t2, t3, _MM_SHUFFLE(3, 2, 3, 2))};
+    for (int l = 0; l < 4; ++l) {
+      _mm_storeu_ps(dst[l], _mm256_castps256_ps128(lanes[l]));
+      _mm_storeu_ps(dst[l + 4], _mm256_extractf128_ps(lanes[l], 1));
+    }
+  }
+  // Splits the 32 floats at p by index modulo 4: phase[q] gets p[4 * l +
   // q] in lane l.
   static void deinterleave4(const float* p, Vec phase[4]) {
     const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);

@@ -38,7 +38,16 @@ struct Ops {
   }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
-  // Splits the 64 floats at p by index modulo 4: phase[q] holds p[4 * l +
+  // Stores lane l of v[0], ..., v[3] as the 4 floats at dst[l], for every
+  // lane.
+  static void store_columns4(const Vec v[4], float* const dst[16]) {
+    alignas(64) float values[4][16];
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(values[j], v[j]);
+    for (int l = 0; l < 16; ++l) {
+      for (int j = 0; j < 4; ++j) dst[l][j] = values[j][l];
+    }
+  }
+  // Splits the 64 floats at p by index modulo 4: phase[q] gets p[4 * l +
   // q] in lane l.
   static void deinterleave4(const float* p, Vec phase[4]) {
     for (int q = 0; q < 4; ++q) {
