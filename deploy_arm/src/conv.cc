@@ -409,6 +409,13 @@ Status Conv2d::get_plan(int64_t height, int64_t width, int64_t in_plane,
   plan->padded_h = height + 2 * g.pad_h;
   plan->phase_w = std::max((padded_w + g.stride_w - 1) / g.stride_w,
                            rounded_w + max_shift);
+  if (depthwise_geometry(g)) {
+    // Rows a whole number of vectors long, so that the depthwise kernel's
+    // loads of its first tap column are aligned, as the row starts are.
+    // Layers over 384 channels at 26 x 26 and 192 at 52 x 52 took about
+    // 5 % less time (one thread, AVX2). Other layers took 0-9 % more.
+    plan->phase_w = (plan->phase_w + lanes_ - 1) / lanes_ * lanes_;
+  }
   plan->row_stride = g.stride_w * plan->phase_w;
 
   // Channel planes start an odd number of 64-byte cache lines apart.
