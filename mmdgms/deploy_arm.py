@@ -128,7 +128,7 @@ class RuntimeDetector:
             raise ValueError('quant_winograd_max_bytes is '
                              f'{quant_winograd_max_bytes!r}, expected a '
                              'byte count from 0 (codebook kernels only) to '
-                             '2**62, or None for the default')
+                             '2**62 - 1, or None for the default')
         self.lib = load_library(library)
         self.max_detections = max_detections
         handle = ctypes.c_void_p()

@@ -83,6 +83,12 @@ class Reader {
   Status fail_file(const std::string& message) const {
     return Status(StatusCode::kInvalidArgument, source_ + " " + message);
   }
+  // "FILE: WHERE MESSAGE", for a message that continues a sentence about
+  // `where` ("is corrupt").
+  Status fail_part(const std::string& where, const std::string& message) const {
+    return Status(StatusCode::kInvalidArgument,
+                  source_ + ": " + where + " " + message);
+  }
 
   // ---- JSON field access ----
   Status field(const Json& obj, const char* key, const std::string& where,
@@ -217,20 +223,20 @@ class Reader {
                                 ")";
       const uint64_t offset = rd64(e + 8), length = rd64(e + 16);
       if (offset % kAlignment)
-        return fail(where, "starts at byte " + std::to_string(offset) +
+        return fail_part(where, "starts at byte " + std::to_string(offset) +
                                ", which is not a multiple of 64");
       if (offset < previous_end || offset > size || length > size - offset)
-        return fail(where, "spans bytes " + std::to_string(offset) + "+" +
+        return fail_part(where, "spans bytes " + std::to_string(offset) + "+" +
                                std::to_string(length) +
                                ", which overlaps another part or lies "
                                "outside the " + std::to_string(size) +
                                "-byte file");
       if (rd32(e + 4) != 0 || rd32(e + 28) != 0)
-        return fail(where, "has non-zero flags or reserved bytes");
+        return fail_part(where, "has non-zero flags or reserved bytes");
       s = padding(data, previous_end, offset);
       if (!s.ok()) return s;
       if (crc32(data + offset, length) != rd32(e + 24))
-        return fail(where, "is corrupt (CRC-32 mismatch)" + kDamaged);
+        return fail_part(where, "is corrupt (CRC-32 mismatch)" + kDamaged);
       sections->push_back(Section{tag, data + offset, length});
       previous_end = offset + length;
     }
