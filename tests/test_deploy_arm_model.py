@@ -486,8 +486,8 @@ def test_independent_nodes_run_concurrently(packed, tensor_file,
     one thread. The quantized 3x3 layers run Winograd on their decoded
     weights by default and the codebook kernels with --quant-winograd 0,
     both within the tolerance of the Python reader. The head's sibling
-    convs run separately: merged, this small head has too little work
-    beside its longest path for a task graph."""
+    convs run separately, because merged, this small head has too little
+    work beside its longest path for a task graph."""
     _, _, path = packed
     base = [str(detect_binary), str(path), str(tensor_file[0]), '--profile',
             '--sibling-convs', 'separate']

@@ -338,7 +338,7 @@ void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
 }
 
 bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels) {
-  return taps * kernels.dense_tile_segments * kernels.lanes <= 1024;
+  return tile_input_floats(taps, kernels) <= 1024;
 }
 
 void run_chunked(

@@ -187,13 +187,19 @@ std::vector<int64_t> interleaved_runs(int64_t count, int threads);
 // `blocks` output-channel blocks, in work items of about 256 KiB of
 // weights (`block_weights` per block) and at least 4 items per thread.
 // Where the kernel packs each item's inputs (`packed`), an item takes all
-// blocks unless the threads need more items: packing a tile costs as much
-// as the multiply-adds of several blocks, while streaming the weights
-// (4 floats or 4 index bytes per 12 vector multiply-adds) needs far less
-// than the L2 cache delivers.
+// blocks unless the threads need more items. Packing a tile costs as much
+// as the multiply-adds of several blocks, while streaming the weights (4
+// floats or 4 index bytes per 12 vector multiply-adds) needs far less than
+// the L2 cache delivers.
 void run_blocked(ThreadPool* pool, int64_t blocks, int64_t block_weights,
                  int64_t num_tiles, bool packed,
                  const std::function<void(int64_t, int64_t, int64_t)>& kernel);
+
+// Floats of one tile's packed inputs for a layer with `taps` taps.
+inline int64_t tile_input_floats(int64_t taps,
+                                 const detail::KernelTable& kernels) {
+  return taps * kernels.dense_tile_segments * kernels.lanes;
+}
 
 // Whether a dense-style layer with `taps` taps runs in chunks of tiles
 // (see run_chunked) rather than tile by tile. It does when a tile's packed
@@ -204,8 +210,8 @@ bool chunked_tiles(int64_t taps, const detail::KernelTable& kernels);
 // Runs kernel(tile_begin, tile_end, block_begin, block_end) over all
 // tiles and blocks. The work items are chunks of tiles whose packed
 // inputs (tile_floats each) take about 64 KiB, each with all blocks
-// unless the threads need more items (see run_blocked): at least 4
-// items per thread where the layer has them. With all blocks rather
+// unless the threads need more items (see run_blocked). A layer that has
+// them gets at least 4 items per thread. With all blocks rather
 // than about 64 K weights per item, a 1x1 conv from 16 to 96 channels
 // at 208 x 208 took 1.64 against 1.88 ms (one thread, AVX2).
 void run_chunked(
@@ -267,8 +273,7 @@ void run_chunk_kernel(const Args& args, int64_t num_tiles, int64_t blocks,
                       void (*chunk)(const Args&, int64_t, int64_t, int64_t,
                                     int64_t),
                       const detail::KernelTable& kernels, ThreadPool* pool) {
-  run_chunked(pool, num_tiles, blocks,
-              args.taps * kernels.dense_tile_segments * kernels.lanes,
+  run_chunked(pool, num_tiles, blocks, tile_input_floats(args.taps, kernels),
               [&](int64_t tile_begin, int64_t tile_end, int64_t block_begin,
                   int64_t block_end) {
                 chunk(args, tile_begin, tile_end, block_begin, block_end);
@@ -297,7 +302,7 @@ void run_tile_kernel(const Args& args, int64_t num_tiles, int64_t blocks,
 constexpr int64_t kFlatChunkFloats = 3072;
 
 // Runs a dense-style kernel (dense or lookup) on a plan marked raw_input
-// that is not Winograd. A flat plan reads the unprepared input directly:
+// that is not Winograd. A flat plan reads the unprepared input directly,
 // through `chunk` when a tile's packed inputs take at most
 // kFlatChunkFloats, and otherwise through `tile`, which packs one tile at
 // a time. With more input channels, `tile` took 0-4 % less time than
@@ -320,8 +325,7 @@ void run_raw_dense_style(const ConvGeometry& g, const ConvPlan& plan,
     args.input = input;
     args.group_input_stride = (g.in_channels / g.groups) * plan.in_plane;
     const int64_t blocks = g.groups * blocks_per_group;
-    if (args.taps * kernels.dense_tile_segments * kernels.lanes <=
-        kFlatChunkFloats) {
+    if (tile_input_floats(args.taps, kernels) <= kFlatChunkFloats) {
       run_chunk_kernel(args, plan.num_tiles, blocks, chunk, kernels, pool);
     } else {
       args.flat_input = true;

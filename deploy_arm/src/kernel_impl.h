@@ -172,7 +172,9 @@ struct TileInputs {
     }
     float* panel = panel_storage->data();
     bool whole = true;
-    for (int s = 0; s < kTile; ++s) whole = whole && segments[s].lanes == Ops::kLanes;
+    for (int s = 0; s < kTile; ++s) {
+      whole = whole && segments[s].lanes == Ops::kLanes;
+    }
     if (whole) {
       for (int64_t t = 0; t < taps; ++t) {
         for (int s = 0; s < kTile; ++s) {

@@ -395,7 +395,7 @@ void QuantConv2d::compute(const ConvPlan& plan, const float* prepared,
         lookup_args(plan, prepared, output, out_plane);
     if (w.out_block > 1 && chunked_tiles(args.taps, kernels)) {
       run_chunk_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,
-                     kernels.lookup_chunk, kernels, pool);
+                       kernels.lookup_chunk, kernels, pool);
       return;
     }
     run_tile_kernel(args, plan.num_tiles, g.groups * w.blocks_per_group,

@@ -224,13 +224,13 @@ class Reader {
       const uint64_t offset = rd64(e + 8), length = rd64(e + 16);
       if (offset % kAlignment)
         return fail_part(where, "starts at byte " + std::to_string(offset) +
-                               ", which is not a multiple of 64");
+                                    ", which is not a multiple of 64");
       if (offset < previous_end || offset > size || length > size - offset)
-        return fail_part(where, "spans bytes " + std::to_string(offset) + "+" +
-                               std::to_string(length) +
-                               ", which overlaps another part or lies "
-                               "outside the " + std::to_string(size) +
-                               "-byte file");
+        return fail_part(where, "spans bytes " + std::to_string(offset) +
+                                    "+" + std::to_string(length) +
+                                    ", which overlaps another part or lies "
+                                    "outside the " + std::to_string(size) +
+                                    "-byte file");
       if (rd32(e + 4) != 0 || rd32(e + 28) != 0)
         return fail_part(where, "has non-zero flags or reserved bytes");
       s = padding(data, previous_end, offset);

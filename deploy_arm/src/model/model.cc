@@ -157,9 +157,9 @@ bool is_flat_1x1(const ConvGeometry& g) {
          g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.groups == 1;
 }
 
-// A conv that can start a conv chain with a window larger than 1x1: no
-// groups or dilation, with each output row from its own window of input
-// rows (MobileNetV2's 3x3 stride-2 stem).
+// Returns whether a conv with a window larger than 1x1 can start a conv
+// chain (MobileNetV2's 3x3 stride-2 stem). It has no groups or dilation,
+// and each output row comes from its own window of input rows.
 bool is_window_expand(const ConvGeometry& g) {
   return g.groups == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
          g.kernel_h > g.pad_h && g.kernel_h >= g.stride_h;
@@ -479,7 +479,6 @@ class ModelImpl {
         if (group.size() >= 2) groups.push_back(std::move(group));
     }
     for (const std::vector<int>& group : groups) {
-
       std::vector<int> key;
       for (int i : group) key.push_back(graph->nodes[size_t(i)].layer);
       key.push_back(int(graph->nodes[size_t(group[0])].activation));
@@ -734,8 +733,8 @@ class ModelImpl {
                      in_h, in_w, mid, out_channels, h, w, oh, ow, band};
     // Each thread takes an equal range of output rows. Whole bands per
     // thread gave one thread a band more than the other where the count
-    // was odd: on two threads, 113 against 95 rows of the demo detector's
-    // first chain.
+    // was odd. On two threads that was 113 against 95 rows of the demo
+    // detector's first chain.
     const int64_t items = std::min<int64_t>(threads, bands);
     std::vector<Status> failures(static_cast<size_t>(items));
     for (int64_t b = 0; b < n; ++b) {

@@ -39,7 +39,8 @@ struct Ops {
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
   // Stores lane l of v[0], ..., v[3] as the 4 floats at dst[l], for every
-  // lane.
+  // lane. This and deinterleave4 serve the Winograd templates, which this
+  // table compiles but does not use (see make_table).
   static void store_columns4(const Vec v[4], float* const dst[16]) {
     alignas(64) float values[4][16];
     for (int j = 0; j < 4; ++j) _mm512_store_ps(values[j], v[j]);
@@ -50,13 +51,11 @@ struct Ops {
   // Splits the 64 floats at p by index modulo 4: phase[q] gets p[4 * l +
   // q] in lane l.
   static void deinterleave4(const float* p, Vec phase[4]) {
+    const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32,
+                                            36, 40, 44, 48, 52, 56, 60);
     for (int q = 0; q < 4; ++q) {
-      const __m512i index = _mm512_add_epi32(
-          _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                               10, 11, 12, 13, 14, 15),
-                             _mm512_set1_epi32(4)),
-          _mm512_set1_epi32(q));
-      phase[q] = _mm512_i32gather_ps(index, p, 4);
+      phase[q] = _mm512_i32gather_ps(
+          _mm512_add_epi32(first, _mm512_set1_epi32(q)), p, 4);
     }
   }
   static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
